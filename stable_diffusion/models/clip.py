@@ -1,0 +1,76 @@
+"""CLIP text encoder (transformers' CLIPTextModel), built from `text_encoder/config.json`.
+
+Parameter names are transformers' without the `text_model.` prefix, which the loader strips.
+"""
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from stable_diffusion.models.layers import scaled_dot_product_attention
+
+CLIP_DEFAULTS = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                     layer_norm_eps=1e-5)
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * F.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+}
+
+
+class CLIPAttention(nn.Layer):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.out_proj(scaled_dot_product_attention(q, k, v, self.heads, mask=mask))
+
+
+class CLIPEncoderLayer(nn.Layer):
+    def __init__(self, cfg):
+        super().__init__()
+        dim, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
+        self.self_attn = CLIPAttention(dim, cfg["num_attention_heads"])
+        self.layer_norm1 = nn.LayerNorm(dim, epsilon=eps)
+        self.mlp = nn.Layer()
+        self.mlp.fc1 = nn.Linear(dim, cfg["intermediate_size"])
+        self.mlp.fc2 = nn.Linear(cfg["intermediate_size"], dim)
+        self.layer_norm2 = nn.LayerNorm(dim, epsilon=eps)
+        self.activation = ACTIVATIONS[cfg["hidden_act"]]
+
+    def forward(self, x, mask):
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp.fc2(self.activation(self.mlp.fc1(self.layer_norm2(x))))
+
+
+class CLIPTextModel(nn.Layer):
+    def __init__(self, config):
+        super().__init__()
+        cfg = {**CLIP_DEFAULTS, **config}
+        if cfg["hidden_act"] not in ACTIVATIONS:
+            raise ValueError(f"text encoder hidden_act {cfg['hidden_act']!r} is not supported; "
+                             f"expected one of {sorted(ACTIVATIONS)}")
+        self.config = cfg
+        dim = cfg["hidden_size"]
+        self.embeddings = nn.Layer()
+        self.embeddings.token_embedding = nn.Embedding(cfg["vocab_size"], dim)
+        self.embeddings.position_embedding = nn.Embedding(cfg["max_position_embeddings"], dim)
+        self.encoder = nn.Layer()
+        self.encoder.layers = nn.LayerList([CLIPEncoderLayer(cfg) for _ in range(cfg["num_hidden_layers"])])
+        self.final_layer_norm = nn.LayerNorm(dim, epsilon=cfg["layer_norm_eps"])
+
+    def forward(self, input_ids):
+        """input_ids: int64 [B, L] -> last hidden state [B, L, hidden_size] (after the final norm)."""
+        length = input_ids.shape[1]
+        x = self.embeddings.token_embedding(input_ids)
+        x = x + self.embeddings.position_embedding.weight[:length].unsqueeze(0)
+        causal = paddle.triu(paddle.full([length, length], float("-inf"), dtype=x.dtype), diagonal=1)
+        mask = causal[None, None]
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+        return self.final_layer_norm(x)

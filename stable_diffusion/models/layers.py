@@ -1,0 +1,105 @@
+"""Building blocks shared by the UNet and the VAE.
+
+Attribute names follow diffusers' modeling files, so a diffusers state dict maps onto these layers
+key for key (Paddle's Linear stores its weight transposed; the loader handles that).
+"""
+import math
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+
+class Attention(nn.Layer):
+    """Multi-head attention as diffusers' `Attention`: self-attention, or cross-attention when
+    `cross_attention_dim` is given. `upcast` computes the softmax in fp32 (SD 2.1 needs it in fp16)."""
+
+    def __init__(self, query_dim, heads, dim_head, cross_attention_dim=None, bias=False, upcast=False):
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = cross_attention_dim or query_dim
+        self.heads = heads
+        self.upcast = upcast
+        self.to_q = nn.Linear(query_dim, inner_dim, bias_attr=bias)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias_attr=bias)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias_attr=bias)
+        self.to_out = nn.LayerList([nn.Linear(inner_dim, query_dim)])
+
+    def forward(self, hidden_states, context=None):
+        context = hidden_states if context is None else context
+        q, k, v = self.to_q(hidden_states), self.to_k(context), self.to_v(context)
+        return self.to_out[0](scaled_dot_product_attention(q, k, v, self.heads, self.upcast))
+
+
+def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None):
+    """q: [B, Lq, H*D], k and v: [B, Lk, H*D] -> [B, Lq, H*D]; mask is added to the scores."""
+    batch, q_len, inner = q.shape
+    dim_head = inner // heads
+    split = lambda t: t.reshape([batch, -1, heads, dim_head]).transpose([0, 2, 1, 3])
+    q, k, v = split(q), split(k), split(v)
+    dtype = q.dtype
+    if upcast and dtype != paddle.float32:
+        q, k = q.astype("float32"), k.astype("float32")
+    scores = paddle.matmul(q, k, transpose_y=True) * (dim_head ** -0.5)
+    if mask is not None:
+        scores = scores + mask
+    probs = F.softmax(scores, axis=-1).astype(v.dtype)
+    out = paddle.matmul(probs, v)
+    return out.transpose([0, 2, 1, 3]).reshape([batch, q_len, inner])
+
+
+class ResnetBlock2D(nn.Layer):
+    def __init__(self, in_channels, out_channels, temb_channels=None, groups=32, eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, epsilon=eps)
+        self.conv1 = nn.Conv2D(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, epsilon=eps)
+        self.conv2 = nn.Conv2D(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2D(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nn.Layer):
+    def __init__(self, channels, padding=1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2D(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:
+            # The VAE encoder pads right and bottom only, as in the original LDM code.
+            x = F.pad(x, [0, 1, 0, 1])
+        return self.conv(x)
+
+
+class Upsample2D(nn.Layer):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2D(channels, channels, 3, padding=1)
+
+    def forward(self, x, size=None):
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10000):
+    half = dim // 2
+    exponent = -math.log(max_period) * paddle.arange(half, dtype="float32") / (half - freq_shift)
+    emb = timesteps.astype("float32")[:, None] * paddle.exp(exponent)[None, :]
+    sin, cos = paddle.sin(emb), paddle.cos(emb)
+    emb = paddle.concat([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, [0, 1])
+    return emb

@@ -1,0 +1,220 @@
+"""UNet2DConditionModel: the denoiser of Stable Diffusion 1.x and 2.x, as in diffusers.
+
+Built from a diffusers `unet/config.json`; only the block types Stable Diffusion uses are supported.
+"""
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from stable_diffusion.models.layers import (Attention, Downsample2D, ResnetBlock2D, Upsample2D,
+                                            timestep_embedding)
+
+UNET_DEFAULTS = dict(
+    in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, downsample_padding=1,
+    norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+    num_attention_heads=None, use_linear_projection=False, upcast_attention=False,
+)
+SUPPORTED_DOWN = {"CrossAttnDownBlock2D", "DownBlock2D"}
+SUPPORTED_UP = {"CrossAttnUpBlock2D", "UpBlock2D"}
+
+
+class FeedForward(nn.Layer):
+    """GEGLU feed-forward; `net` mirrors diffusers' [GEGLU, Dropout, Linear] list."""
+
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        inner = dim * mult
+        geglu = nn.Layer()
+        geglu.proj = nn.Linear(dim, inner * 2)
+        self.net = nn.LayerList([geglu, nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x):
+        hidden, gate = self.net[0].proj(x).chunk(2, axis=-1)
+        return self.net[2](hidden * F.gelu(gate))
+
+
+class BasicTransformerBlock(nn.Layer):
+    def __init__(self, dim, heads, dim_head, cross_attention_dim, upcast):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Layer):
+    def __init__(self, channels, heads, cross_attention_dim, groups, linear_projection, upcast):
+        super().__init__()
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, channels, epsilon=1e-6)
+        if linear_projection:
+            self.proj_in, self.proj_out = nn.Linear(channels, channels), nn.Linear(channels, channels)
+        else:
+            self.proj_in, self.proj_out = nn.Conv2D(channels, channels, 1), nn.Conv2D(channels, channels, 1)
+        self.transformer_blocks = nn.LayerList(
+            [BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim, upcast)])
+
+    def forward(self, x, context):
+        batch, channels, height, width = x.shape
+        residual = x
+        h = self.norm(x)
+        to_tokens = lambda t: t.transpose([0, 2, 3, 1]).reshape([batch, height * width, channels])
+        to_image = lambda t: t.reshape([batch, height, width, channels]).transpose([0, 3, 1, 2])
+        if self.linear_projection:
+            h = self.proj_in(to_tokens(h))
+        else:
+            h = to_tokens(self.proj_in(h))
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear_projection:
+            h = to_image(self.proj_out(h))
+        else:
+            h = self.proj_out(to_image(h))
+        return h + residual
+
+
+class UNetBlock(nn.Layer):
+    """A down or up block: resnets, optional cross-attention after each, optional resampler."""
+
+    def __init__(self, resnets, attentions, downsampler=None, upsampler=None):
+        super().__init__()
+        self.resnets = nn.LayerList(resnets)
+        if attentions:
+            self.attentions = nn.LayerList(attentions)
+        else:
+            self.attentions = None
+        if downsampler is not None:
+            self.downsamplers = nn.LayerList([downsampler])
+        else:
+            self.downsamplers = None
+        if upsampler is not None:
+            self.upsamplers = nn.LayerList([upsampler])
+        else:
+            self.upsamplers = None
+
+
+class UNetMidBlock(nn.Layer):
+    def __init__(self, resnets, attentions):
+        super().__init__()
+        self.resnets = nn.LayerList(resnets)
+        self.attentions = nn.LayerList(attentions)
+
+    def forward(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        for attention, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attention(x, context), temb)
+        return x
+
+
+def _per_block(value, count):
+    return list(value) if isinstance(value, (list, tuple)) else [value] * count
+
+
+class UNet2DConditionModel(nn.Layer):
+    def __init__(self, config):
+        super().__init__()
+        cfg = {**UNET_DEFAULTS, **config}
+        unsupported = [t for t in cfg["down_block_types"] if t not in SUPPORTED_DOWN]
+        unsupported += [t for t in cfg["up_block_types"] if t not in SUPPORTED_UP]
+        if unsupported:
+            raise ValueError(f"UNet block types {unsupported} are not supported; "
+                             f"Stable Diffusion uses {sorted(SUPPORTED_DOWN | SUPPORTED_UP)}")
+        for key in ("transformer_layers_per_block",):
+            if any(n != 1 for n in _per_block(cfg.get(key, 1), 1)):
+                raise ValueError(f"UNet config {key}={cfg[key]} is not supported (only 1)")
+        self.config = cfg
+        channels = cfg["block_out_channels"]
+        blocks = len(channels)
+        # diffusers reads `attention_head_dim` as the number of heads when num_attention_heads is unset.
+        heads = _per_block(cfg["num_attention_heads"] or cfg["attention_head_dim"], blocks)
+        cross_dim = cfg["cross_attention_dim"]
+        groups, eps, lpb = cfg["norm_num_groups"], cfg["norm_eps"], cfg["layers_per_block"]
+        temb_dim = channels[0] * 4
+
+        def resnet(cin, cout):
+            return ResnetBlock2D(cin, cout, temb_dim, groups, eps)
+
+        def attention(ch, n_heads):
+            return Transformer2DModel(ch, n_heads, cross_dim, groups, cfg["use_linear_projection"],
+                                      cfg["upcast_attention"])
+
+        self.conv_in = nn.Conv2D(cfg["in_channels"], channels[0], 3, padding=1)
+        self.time_embedding = nn.Layer()
+        self.time_embedding.linear_1 = nn.Linear(channels[0], temb_dim)
+        self.time_embedding.linear_2 = nn.Linear(temb_dim, temb_dim)
+
+        down_blocks, out_ch = [], channels[0]
+        for i, block_type in enumerate(cfg["down_block_types"]):
+            in_ch, out_ch = out_ch, channels[i]
+            is_last = i == blocks - 1
+            down_blocks.append(UNetBlock(
+                [resnet(in_ch if j == 0 else out_ch, out_ch) for j in range(lpb)],
+                [attention(out_ch, heads[i]) for _ in range(lpb)] if block_type.startswith("CrossAttn") else [],
+                downsampler=None if is_last else Downsample2D(out_ch, cfg["downsample_padding"])))
+        self.down_blocks = nn.LayerList(down_blocks)
+
+        self.mid_block = UNetMidBlock([resnet(channels[-1], channels[-1]) for _ in range(2)],
+                                      [attention(channels[-1], heads[-1])])
+
+        up_blocks, reversed_channels, reversed_heads = [], channels[::-1], heads[::-1]
+        out_ch = reversed_channels[0]
+        for i, block_type in enumerate(cfg["up_block_types"]):
+            prev_ch, out_ch = out_ch, reversed_channels[i]
+            skip_ch = reversed_channels[min(i + 1, blocks - 1)]
+            is_last = i == blocks - 1
+            up_blocks.append(UNetBlock(
+                [resnet((prev_ch if j == 0 else out_ch) + (skip_ch if j == lpb else out_ch), out_ch)
+                 for j in range(lpb + 1)],
+                [attention(out_ch, reversed_heads[i]) for _ in range(lpb + 1)]
+                if block_type.startswith("CrossAttn") else [],
+                upsampler=None if is_last else Upsample2D(out_ch)))
+        self.up_blocks = nn.LayerList(up_blocks)
+
+        self.conv_norm_out = nn.GroupNorm(groups, channels[0], epsilon=eps)
+        self.conv_out = nn.Conv2D(channels[0], cfg["out_channels"], 3, padding=1)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        """sample: [B, C, H, W]; timestep: a scalar or [B]; encoder_hidden_states: [B, 77, D]."""
+        batch = sample.shape[0]
+        timesteps = paddle.to_tensor(timestep).reshape([-1]).astype("float32").expand([batch])
+        temb = timestep_embedding(timesteps, self.config["block_out_channels"][0],
+                                  self.config["flip_sin_to_cos"], self.config["freq_shift"])
+        temb = temb.astype(sample.dtype)
+        temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))
+        context = encoder_hidden_states
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            for j, resnet in enumerate(block.resnets):
+                x = resnet(x, temb)
+                if block.attentions is not None:
+                    x = block.attentions[j](x, context)
+                skips.append(x)
+            if block.downsamplers is not None:
+                x = block.downsamplers[0](x)
+                skips.append(x)
+
+        x = self.mid_block(x, temb, context)
+
+        for block in self.up_blocks:
+            for j, resnet in enumerate(block.resnets):
+                x = resnet(paddle.concat([x, skips.pop()], axis=1), temb)
+                if block.attentions is not None:
+                    x = block.attentions[j](x, context)
+            if block.upsamplers is not None:
+                # Upsample to the size of the skip it meets next: latents whose side is not a
+                # multiple of 8 lose a pixel on the way down.
+                x = block.upsamplers[0](x, size=skips[-1].shape[2:])
+
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
