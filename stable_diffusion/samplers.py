@@ -1,0 +1,246 @@
+"""Samplers: the update rule of each, as a small step function of (model output, step index, sample).
+
+Each reproduces the diffusers scheduler of the same family on the same inputs (tests/test_samplers.py),
+reading the model folder's scheduler config: beta schedule, steps_offset, timestep_spacing, prediction
+type. The arithmetic uses only + - * / with Python floats, so samples can be numpy arrays or Paddle
+tensors. `noise` is drawn by the caller (the pipeline's per-call generator) for the stochastic samplers.
+"""
+import math
+
+import numpy as np
+
+SAMPLERS = ("plms", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+# diffusers' default spacing for each family, used when the scheduler config does not name one.
+DEFAULT_SPACING = {"plms": "leading", "ddim": "leading", "euler": "linspace", "euler_a": "linspace",
+                   "dpmpp_2m": "linspace", "dpmpp_2m_karras": "linspace"}
+
+
+def alphas_cumprod(config):
+    n = config.get("num_train_timesteps", 1000)
+    start, end = config.get("beta_start", 0.00085), config.get("beta_end", 0.012)
+    schedule = config.get("beta_schedule", "scaled_linear")
+    if config.get("trained_betas"):
+        betas = np.asarray(config["trained_betas"], np.float32)
+    elif schedule == "scaled_linear":
+        betas = np.linspace(start ** 0.5, end ** 0.5, n, dtype=np.float32) ** 2
+    elif schedule == "linear":
+        betas = np.linspace(start, end, n, dtype=np.float32)
+    else:
+        raise ValueError(f"beta_schedule {schedule!r} is not supported; use 'scaled_linear' or 'linear'")
+    return np.cumprod(1.0 - betas.astype(np.float64)).astype(np.float32)
+
+
+def discrete_timesteps(config, steps, spacing, count=None):
+    """`count` timesteps (default `steps`), descending, spaced as diffusers' `timestep_spacing`."""
+    n = config.get("num_train_timesteps", 1000)
+    count = count or steps
+    if spacing == "leading":
+        return (np.arange(0, count) * (n // steps)).round()[::-1] + config.get("steps_offset", 0)
+    if spacing == "trailing":
+        return np.arange(n, 0, -n / steps).round() - 1
+    if spacing == "linspace":
+        return np.linspace(0, n - 1, count)[::-1]
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported")
+
+
+def x0_and_epsilon(model_output, sample, alpha_prod, prediction_type):
+    """The denoised sample and the noise implied by the model output at cumulative alpha `alpha_prod`."""
+    a, b = alpha_prod ** 0.5, (1 - alpha_prod) ** 0.5
+    if prediction_type == "epsilon":
+        return (sample - b * model_output) / a, model_output
+    if prediction_type == "v_prediction":
+        return a * sample - b * model_output, a * model_output + b * sample
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported")
+
+
+class PLMS:
+    """PNDM with skip_prk_steps (PLMS): linear multistep over the last four noise predictions."""
+
+    def __init__(self, config, steps):
+        self.ac = alphas_cumprod(config)
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.final_alpha = 1.0 if config.get("set_alpha_to_one", False) else float(self.ac[0])
+        self.stride = config.get("num_train_timesteps", 1000) // steps
+        base = discrete_timesteps(config, steps, config.get("timestep_spacing", "leading"))[::-1]
+        # PNDM runs one extra model call: the second timestep twice, to bootstrap the multistep.
+        self.timesteps = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].astype(np.int64)
+        self.init_noise_sigma = 1.0
+        self.outputs, self.first_sample = [], None
+
+    def scale_model_input(self, sample, i):
+        return sample
+
+    def step(self, model_output, i, sample, noise=None):
+        t = int(self.timesteps[i])
+        prev_t = t - self.stride
+        if i != 1:
+            self.outputs = self.outputs[-3:] + [model_output]
+        else:
+            prev_t, t = t, t + self.stride
+        e = self.outputs
+        if len(e) == 1 and i == 0:
+            self.first_sample = sample
+        elif len(e) == 1 and i == 1:
+            model_output = (model_output + e[-1]) / 2
+            sample, self.first_sample = self.first_sample, None
+        elif len(e) == 2:
+            model_output = (3 * e[-1] - e[-2]) / 2
+        elif len(e) == 3:
+            model_output = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
+        else:
+            model_output = (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4]) / 24
+        a_t = float(self.ac[t])
+        a_prev = float(self.ac[prev_t]) if prev_t >= 0 else self.final_alpha
+        if self.prediction_type == "v_prediction":
+            model_output = a_t ** 0.5 * model_output + (1 - a_t) ** 0.5 * sample
+        denominator = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
+        return (a_prev / a_t) ** 0.5 * sample - (a_prev - a_t) * model_output / denominator
+
+
+class DDIM:
+    """DDIM; eta=0 is deterministic, eta=1 adds DDPM-sized noise."""
+
+    def __init__(self, config, steps, eta=0.0):
+        self.ac = alphas_cumprod(config)
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.final_alpha = 1.0 if config.get("set_alpha_to_one", True) else float(self.ac[0])
+        self.clip_sample = config.get("clip_sample", True)
+        self.clip_range = config.get("clip_sample_range", 1.0)
+        self.stride = config.get("num_train_timesteps", 1000) // steps
+        self.timesteps = discrete_timesteps(config, steps, config.get("timestep_spacing", "leading")).astype(np.int64)
+        self.eta = eta
+        self.needs_noise = eta > 0
+        self.init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample, i):
+        return sample
+
+    def step(self, model_output, i, sample, noise=None):
+        t = int(self.timesteps[i])
+        prev_t = t - self.stride
+        a_t = float(self.ac[t])
+        a_prev = float(self.ac[prev_t]) if prev_t >= 0 else self.final_alpha
+        x0, eps = x0_and_epsilon(model_output, sample, a_t, self.prediction_type)
+        if self.clip_sample:
+            x0 = x0.clip(-self.clip_range, self.clip_range)
+        std = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        prev = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+        return prev + std * noise if self.needs_noise else prev
+
+
+def sigmas_of(ac):
+    return ((1 - ac) / ac) ** 0.5
+
+
+class Euler:
+    """Euler (k-diffusion's sample_euler); `ancestral` adds noise each step (sample_euler_ancestral)."""
+
+    def __init__(self, config, steps, ancestral=False):
+        ac = alphas_cumprod(config)
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        spacing = config.get("timestep_spacing", "linspace")
+        self.timesteps = discrete_timesteps(config, steps, spacing).astype(np.float32)
+        sigmas = np.interp(self.timesteps, np.arange(len(ac)), sigmas_of(ac))
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        top = float(self.sigmas.max())
+        self.init_noise_sigma = top if spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
+        self.ancestral = self.needs_noise = ancestral
+
+    def scale_model_input(self, sample, i):
+        return sample / (float(self.sigmas[i]) ** 2 + 1) ** 0.5
+
+    def step(self, model_output, i, sample, noise=None):
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        if self.prediction_type == "epsilon":
+            x0 = sample - sigma * model_output
+        elif self.prediction_type == "v_prediction":
+            x0 = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
+        else:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported")
+        derivative = (sample - x0) / sigma
+        if not self.ancestral:
+            return sample + derivative * (sigma_next - sigma)
+        sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
+        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+        return sample + derivative * (sigma_down - sigma) + noise * sigma_up
+
+
+class DPMSolverPP2M:
+    """DPM-Solver++(2M): second-order multistep in log-SNR, first order on the first and last step."""
+
+    def __init__(self, config, steps, karras=False):
+        ac = alphas_cumprod(config)
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        sigmas = sigmas_of(ac)
+        log_sigmas = np.log(sigmas)
+        spacing = config.get("timestep_spacing", "linspace")
+        if spacing == "linspace":
+            timesteps = np.linspace(0, len(ac) - 1, steps + 1).round()[::-1][:-1]
+        elif spacing == "leading":
+            n = config.get("num_train_timesteps", 1000)
+            timesteps = (np.arange(0, steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + config.get("steps_offset", 0)
+        else:
+            timesteps = discrete_timesteps(config, steps, spacing)
+        if karras:
+            sigmas = karras_sigmas(sigma_max=float(sigmas[-1]), sigma_min=float(sigmas[0]), steps=steps)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas]).round()
+        else:
+            sigmas = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+        self.timesteps = timesteps.astype(np.int64)
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        self.init_noise_sigma = 1.0
+        self.previous_x0 = None
+
+    def scale_model_input(self, sample, i):
+        return sample
+
+    @staticmethod
+    def alpha_sigma_lambda(sigma):
+        alpha = 1 / (sigma ** 2 + 1) ** 0.5
+        lam = math.log(alpha) - math.log(sigma * alpha) if sigma > 0 else math.inf
+        return alpha, sigma * alpha, lam
+
+    def step(self, model_output, i, sample, noise=None):
+        alpha_s, sigma_s_vp, lambda_s = self.alpha_sigma_lambda(float(self.sigmas[i]))
+        x0, _ = x0_and_epsilon(model_output, sample, alpha_s ** 2, self.prediction_type)
+        alpha_t, sigma_t_vp, lambda_t = self.alpha_sigma_lambda(float(self.sigmas[i + 1]))
+        h = lambda_t - lambda_s
+        decay = math.expm1(-h) if math.isfinite(h) else -1.0
+        last = i == len(self.timesteps) - 1
+        if self.previous_x0 is None or last:
+            prev = (sigma_t_vp / sigma_s_vp) * sample - alpha_t * decay * x0
+        else:
+            _, _, lambda_prev = self.alpha_sigma_lambda(float(self.sigmas[i - 1]))
+            r = (lambda_s - lambda_prev) / h
+            d1 = (x0 - self.previous_x0) / r
+            prev = (sigma_t_vp / sigma_s_vp) * sample - alpha_t * decay * x0 - 0.5 * alpha_t * decay * d1
+        self.previous_x0 = x0
+        return prev
+
+
+def karras_sigmas(sigma_max, sigma_min, steps, rho=7.0):
+    ramp = np.linspace(0, 1, steps)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sigma_to_t(sigma, log_sigmas):
+    """The (fractional) training timestep whose sigma is `sigma`, by log-linear interpolation."""
+    log_sigma = np.log(max(sigma, 1e-10))
+    low = int(np.clip(np.cumsum(log_sigma - log_sigmas >= 0).argmax(), 0, len(log_sigmas) - 2))
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def make_sampler(name, config, steps, eta=0.0):
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    config = {**config, "timestep_spacing": config.get("timestep_spacing") or DEFAULT_SPACING[name]}
+    if name == "plms":
+        return PLMS(config, steps)
+    if name == "ddim":
+        return DDIM(config, steps, eta)
+    if name in ("euler", "euler_a"):
+        return Euler(config, steps, ancestral=name == "euler_a")
+    return DPMSolverPP2M(config, steps, karras=name == "dpmpp_2m_karras")
