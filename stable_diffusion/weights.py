@@ -83,14 +83,18 @@ def load_state_dict(model, state_dict, where, dtype="float32"):
             raise CheckpointError(f"{where}: key {name!r} has shape {list(state_dict[name].shape)} in the "
                                   f"checkpoint but the model expects {list(param.shape)} (shape in PyTorch "
                                   "layout for Linear weights is transposed); the weights and config differ")
-        param.set_value(np.ascontiguousarray(array, dtype=np.float32).astype(dtype))
+        param.set_value(np.ascontiguousarray(array, dtype=dtype))
     model.eval()
     return model
 
 
 def build_model(component, config, state_dict, where, dtype):
+    # The VAE stays in fp32 whatever `dtype` is: SD's decoder overflows in fp16.
+    dtype = "float32" if component == "vae" else dtype
     with paddle.utils.unique_name.guard():
         model = MODEL_CLASSES[component](config)
+    if dtype != "float32":
+        model.to(dtype=dtype)
     return load_state_dict(model, state_dict, where, dtype)
 
 

@@ -1,0 +1,109 @@
+"""The sampling loop: prompts -> text embeddings -> guided denoising -> VAE decode -> uint8 images.
+
+Randomness comes only from a per-call numpy Generator seeded by the caller, never from process-global
+state, so a seed gives the same image whether a request runs alone or beside others in a server.
+"""
+import os
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from stable_diffusion.samplers import make_sampler
+
+# Linear map from SD v1 latents to RGB: a preview at the cost of one small matmul instead of a VAE
+# decode (which costs about 1.5 UNet steps). Approximate; the final image always goes through the VAE.
+LATENT_RGB_FACTORS = np.array([[0.3512, 0.2297, 0.3227],
+                               [0.3250, 0.4974, 0.2350],
+                               [-0.2829, 0.1762, 0.2721],
+                               [-0.2120, -0.2616, -0.7177]], dtype=np.float32)
+FRAME_DECODERS = ("preview", "vae")
+
+
+def select_device(use_gpu=True):
+    """The GPU when Paddle has CUDA and one is visible, else the CPU with all its cores."""
+    if use_gpu and paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        paddle.set_device("gpu")
+        return "gpu"
+    paddle.set_device("cpu")
+    paddle.base.core.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    return "cpu"
+
+
+def to_uint8(images):
+    """[-1, 1] float NCHW -> uint8 NHWC, rounding as diffusers' image processor does."""
+    images = np.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return (images * 255).round().astype(np.uint8)
+
+
+class StableDiffusionPipeline:
+    def __init__(self, models, dtype="float32"):
+        self.models = models
+        self.dtype = dtype
+
+    @property
+    def latent_channels(self):
+        return self.models.unet.config["in_channels"]
+
+    @property
+    def vae_factor(self):
+        return self.models.vae.downsampling_factor
+
+    def latent_shape(self, batch_size, height, width):
+        return (batch_size, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
+
+    @paddle.no_grad()
+    def encode_text(self, texts):
+        ids = np.array([self.models.tokenizer(t) for t in texts], dtype=np.int64)
+        return self.models.text_encoder(paddle.to_tensor(ids)).astype(self.dtype)
+
+    @paddle.no_grad()
+    def decode(self, latents):
+        # The VAE stays in fp32: SD's decoder overflows in fp16.
+        vae = self.models.vae
+        return to_uint8(vae.decode(latents.astype("float32") / vae.scaling_factor).numpy())
+
+    def preview(self, latents):
+        if latents.shape[1] != LATENT_RGB_FACTORS.shape[0]:
+            return self.decode(latents)
+        rgb = np.einsum("bchw,cr->brhw", latents.astype("float32").numpy(), LATENT_RGB_FACTORS)
+        rgb = rgb.repeat(self.vae_factor, axis=2).repeat(self.vae_factor, axis=3)
+        return to_uint8(rgb)
+
+    @paddle.no_grad()
+    def __call__(self, prompt, negative_prompt="", height=512, width=512, batch_size=1,
+                 num_inference_steps=50, guidance_scale=7.5, sampler="plms", eta=0.0, seed=0,
+                 latents=None, display_rate=0, frame_decoder="preview", progress=True):
+        """Returns (final uint8 images [B, H, W, 3], frames: list of (step, uint8 images))."""
+        rng = np.random.default_rng(seed)
+        scheduler = make_sampler(sampler, self.models.scheduler_config, num_inference_steps, eta)
+        shape = self.latent_shape(batch_size, height, width)
+        if latents is None:
+            latents = rng.standard_normal(shape, dtype=np.float32)
+        latents = paddle.to_tensor(np.asarray(latents, np.float32) * float(scheduler.init_noise_sigma))
+
+        guided = guidance_scale > 1.0
+        context = self.encode_text([prompt])
+        if guided:
+            context = paddle.concat([self.encode_text([negative_prompt or ""]), context])
+        context = context.repeat_interleave(batch_size, axis=0)
+
+        frames = []
+        steps = scheduler.timesteps
+        for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling")):
+            model_input = scheduler.scale_model_input(latents, i)
+            if guided:
+                model_input = paddle.concat([model_input, model_input])
+            noise_pred = self.models.unet(model_input.astype(self.dtype), float(t), context).astype("float32")
+            if guided:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            noise = None
+            if getattr(scheduler, "needs_noise", False):
+                noise = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+            latents = scheduler.step(noise_pred, i, latents, noise)
+            if display_rate and (i + 1) % display_rate == 0 and i + 1 < len(steps):
+                frames.append((i + 1, self.decode(latents) if frame_decoder == "vae" else self.preview(latents)))
+        images = self.decode(latents)
+        frames.append((len(steps), images))
+        return images, frames

@@ -1,0 +1,64 @@
+"""The whole pipeline against diffusers' StableDiffusionPipeline: same weights, same initial latents."""
+import numpy as np
+import pytest
+import torch
+
+from reference import SCHEDULER, VOCAB_DIR
+from stable_diffusion.pipeline import StableDiffusionPipeline
+from stable_diffusion.weights import load_models
+
+
+@pytest.fixture(scope="module")
+def pipelines(sd1_folder, sd1_reference):
+    from diffusers import DDIMScheduler, PNDMScheduler
+    from diffusers import StableDiffusionPipeline as Reference
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer(f"{VOCAB_DIR}/vocab.json", f"{VOCAB_DIR}/merges.txt", model_max_length=77)
+
+    def reference(sampler):
+        scheduler = {"plms": PNDMScheduler, "ddim": DDIMScheduler}[sampler].from_config(SCHEDULER)
+        return Reference(vae=sd1_reference["vae"], text_encoder=sd1_reference["text_encoder"], tokenizer=tokenizer,
+                         unet=sd1_reference["unet"], scheduler=scheduler, safety_checker=None,
+                         feature_extractor=None, requires_safety_checker=False)
+
+    return StableDiffusionPipeline(load_models(sd1_folder)), reference
+
+
+@pytest.mark.parametrize("sampler", ["plms", "ddim"])
+@pytest.mark.parametrize("negative_prompt", [None, "blurry, low quality"])
+@pytest.mark.parametrize("width,height", [(64, 64), (48, 72)])
+def test_images_match_diffusers(pipelines, sampler, negative_prompt, width, height):
+    ours, reference = pipelines
+    prompt = "a watercolor painting of a fox in the snow"
+    latents = np.random.default_rng(3).standard_normal(ours.latent_shape(2, height, width)).astype(np.float32)
+    expected = reference(sampler)(prompt, negative_prompt=negative_prompt, height=height, width=width,
+                                  num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=2,
+                                  latents=torch.from_numpy(latents), output_type="np").images
+    expected = (expected * 255).round().astype(np.uint8)
+    images, frames = ours(prompt, negative_prompt or "", height, width, 2, 6, 7.5, sampler, 0.0, seed=0,
+                          latents=latents, progress=False)
+    assert images.shape == (2, height, width, 3) and images.dtype == np.uint8
+    difference = np.abs(images.astype(int) - expected.astype(int)).max()
+    print(f"{sampler} {width}x{height} negative={negative_prompt is not None}: max uint8 difference {difference}")
+    assert difference <= 2
+    assert expected.std() > 5, "the reference image is flat: the comparison would prove little"
+
+
+def test_guidance_off_uses_the_prompt_alone(pipelines):
+    ours, reference = pipelines
+    latents = np.random.default_rng(4).standard_normal(ours.latent_shape(1, 64, 64)).astype(np.float32)
+    expected = reference("plms")("a red car", height=64, width=64, num_inference_steps=3, guidance_scale=1.0,
+                                 latents=torch.from_numpy(latents), output_type="np").images
+    images, _ = ours("a red car", "", 64, 64, 1, 3, 1.0, "plms", 0.0, seed=0, latents=latents, progress=False)
+    assert np.abs(images.astype(int) - (expected * 255).round().astype(int)).max() <= 2
+
+
+def test_frames_every_display_rate_steps(pipelines):
+    ours, _ = pipelines
+    _, frames = ours("a house", "", 64, 64, 1, 6, 7.5, "ddim", 0.0, seed=1, display_rate=2, progress=False)
+    assert [step for step, _ in frames] == [2, 4, 6]
+    assert all(images.shape == (1, 64, 64, 3) for _, images in frames)
+    _, vae_frames = ours("a house", "", 64, 64, 1, 6, 7.5, "ddim", 0.0, seed=1, display_rate=2,
+                         frame_decoder="vae", progress=False)
+    np.testing.assert_array_equal(vae_frames[-1][1], frames[-1][1])  # the final image is the VAE's either way
+    assert not np.array_equal(vae_frames[0][1], frames[0][1])
