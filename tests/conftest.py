@@ -12,9 +12,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
+import paddle  # noqa: E402
 import pytest  # noqa: E402
 
 import reference  # noqa: E402
+
+paddle.base.core.set_num_threads(os.cpu_count() or 1)
 
 
 @pytest.fixture(scope="session", params=["sd1", "sd2"])

@@ -18,9 +18,9 @@ TINY = {
                   attention_head_dim=4,
                   down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
-        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64],
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32, 64],
                  layers_per_block=2, norm_num_groups=8, sample_size=32,
-                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2),
+                 down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3),
     ),
     "sd2": dict(
         text_encoder=dict(vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
