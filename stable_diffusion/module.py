@@ -85,7 +85,7 @@ class StableDiffusion(RunModule):
     @serving
     def serving_method(self, text_prompts=None, **kwargs):
         """JSON body -> generate_image keyword arguments; the result as a base64 DocumentArray."""
-        allowed = set(inspect.signature(self.generate_image).parameters) - {"text_prompts"}
+        allowed = set(inspect.signature(TextToImage.generate_image).parameters) - {"self", "text_prompts", "progress"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise ValueError(f"unknown parameters {unknown}; accepted: text_prompts, {', '.join(sorted(allowed))}")
