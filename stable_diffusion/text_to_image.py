@@ -8,7 +8,7 @@ import threading
 import numpy as np
 from docarray import DocumentArray
 
-from stable_diffusion.pipeline import FRAME_DECODERS, StableDiffusionPipeline, select_device
+from stable_diffusion.pipeline import ENGINES, FRAME_DECODERS, StableDiffusionPipeline, select_device
 from stable_diffusion.results import build_prompt_document
 from stable_diffusion.samplers import SAMPLERS
 from stable_diffusion.weights import DEFAULT_MODEL, load_models
@@ -82,8 +82,11 @@ def check_arguments(width_height, seed, batch_size, num_inference_steps, guidanc
 
 
 class TextToImage:
-    def __init__(self, model=None):
+    def __init__(self, model=None, cpu_engine="inference"):
+        if cpu_engine not in ENGINES:
+            raise ValueError(f"cpu_engine must be one of {ENGINES}, got {cpu_engine!r}")
         self.model_source = resolve_model(model)
+        self.cpu_engine = cpu_engine
         self._pipeline = None
         self._pipeline_key = None
         self._lock = threading.Lock()
@@ -94,7 +97,8 @@ class TextToImage:
         with self._lock:
             if self._pipeline_key != (device, dtype):
                 self._pipeline = None  # free the old copy before loading another
-                self._pipeline = StableDiffusionPipeline(load_models(self.model_source, dtype=dtype), dtype)
+                engine = self.cpu_engine if device == "cpu" else "eager"
+                self._pipeline = StableDiffusionPipeline(load_models(self.model_source, dtype=dtype), dtype, engine)
                 self._pipeline_key = (device, dtype)
             return self._pipeline
 

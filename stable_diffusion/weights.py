@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import paddle
 import paddle.nn as nn
 
 from stable_diffusion.checkpoint_files import CheckpointError, read_state_dict
@@ -91,8 +90,7 @@ def load_state_dict(model, state_dict, where, dtype="float32"):
 def build_model(component, config, state_dict, where, dtype):
     # The VAE stays in fp32 whatever `dtype` is: SD's decoder overflows in fp16.
     dtype = "float32" if component == "vae" else dtype
-    with paddle.utils.unique_name.guard():
-        model = MODEL_CLASSES[component](config)
+    model = MODEL_CLASSES[component](config)
     if dtype != "float32":
         model.to(dtype=dtype)
     return load_state_dict(model, state_dict, where, dtype)

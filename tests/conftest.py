@@ -5,7 +5,8 @@ import tempfile
 # PaddleHub, paddlenlp and huggingface_hub read their homes once, at first import: point them at a
 # scratch folder before anything imports them, so tests never touch the user's caches.
 _HOME = tempfile.mkdtemp(prefix="sd-tests-home-")
-for var, sub in (("HUB_HOME", "hub"), ("PPNLP_HOME", "ppnlp"), ("HF_HOME", "hf")):
+for var, sub in (("HUB_HOME", "hub"), ("PPNLP_HOME", "ppnlp"), ("HF_HOME", "hf"),
+                 ("STABLE_DIFFUSION_CACHE", "compiled")):
     os.environ[var] = os.path.join(_HOME, sub)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")

@@ -21,14 +21,18 @@ def pipelines(sd1_folder, sd1_reference):
                          unet=sd1_reference["unet"], scheduler=scheduler, safety_checker=None,
                          feature_extractor=None, requires_safety_checker=False)
 
-    return StableDiffusionPipeline(load_models(sd1_folder)), reference
+    engines = {engine: StableDiffusionPipeline(load_models(sd1_folder), engine=engine)
+               for engine in ("eager", "inference")}
+    return engines, reference
 
 
+@pytest.mark.parametrize("engine", ["eager", "inference"])
 @pytest.mark.parametrize("sampler", ["plms", "ddim"])
 @pytest.mark.parametrize("negative_prompt", [None, "blurry, low quality"])
 @pytest.mark.parametrize("width,height", [(64, 64), (48, 72)])
-def test_images_match_diffusers(pipelines, sampler, negative_prompt, width, height):
-    ours, reference = pipelines
+def test_images_match_diffusers(pipelines, engine, sampler, negative_prompt, width, height):
+    engines, reference = pipelines
+    ours = engines[engine]
     prompt = "a watercolor painting of a fox in the snow"
     latents = np.random.default_rng(3).standard_normal(ours.latent_shape(2, height, width)).astype(np.float32)
     expected = reference(sampler)(prompt, negative_prompt=negative_prompt, height=height, width=width,
@@ -39,13 +43,15 @@ def test_images_match_diffusers(pipelines, sampler, negative_prompt, width, heig
                           latents=latents, progress=False)
     assert images.shape == (2, height, width, 3) and images.dtype == np.uint8
     difference = np.abs(images.astype(int) - expected.astype(int)).max()
-    print(f"{sampler} {width}x{height} negative={negative_prompt is not None}: max uint8 difference {difference}")
+    print(f"{engine} {sampler} {width}x{height} negative={negative_prompt is not None}: "
+          f"max uint8 difference {difference}")
     assert difference <= 2
     assert expected.std() > 5, "the reference image is flat: the comparison would prove little"
 
 
 def test_guidance_off_uses_the_prompt_alone(pipelines):
-    ours, reference = pipelines
+    engines, reference = pipelines
+    ours = engines["eager"]
     latents = np.random.default_rng(4).standard_normal(ours.latent_shape(1, 64, 64)).astype(np.float32)
     expected = reference("plms")("a red car", height=64, width=64, num_inference_steps=3, guidance_scale=1.0,
                                  latents=torch.from_numpy(latents), output_type="np").images
@@ -54,7 +60,7 @@ def test_guidance_off_uses_the_prompt_alone(pipelines):
 
 
 def test_frames_every_display_rate_steps(pipelines):
-    ours, _ = pipelines
+    ours = pipelines[0]["inference"]
     _, frames = ours("a house", "", 64, 64, 1, 6, 7.5, "ddim", 0.0, seed=1, display_rate=2, progress=False)
     assert [step for step, _ in frames] == [2, 4, 6]
     assert all(images.shape == (1, 64, 64, 3) for _, images in frames)
@@ -62,3 +68,22 @@ def test_frames_every_display_rate_steps(pipelines):
                          frame_decoder="vae", progress=False)
     np.testing.assert_array_equal(vae_frames[-1][1], frames[-1][1])  # the final image is the VAE's either way
     assert not np.array_equal(vae_frames[0][1], frames[0][1])
+
+
+def test_compiled_unet_matches_eager_and_is_cached(sd1_folder, tmp_path, monkeypatch):
+    import os
+    import paddle
+    from stable_diffusion.compiled import compile_for_cpu
+    monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
+    eager = load_models(sd1_folder)
+    sample = paddle.randn([2, 4, 9, 7])
+    context = paddle.randn([2, 77, 32])
+    expected = eager.unet(sample, 321.0, context).numpy()
+    expected_image = eager.vae.decode(sample).numpy()
+    unet, decode = compile_for_cpu(load_models(sd1_folder), threads=2)
+    assert np.abs(unet(sample, 321.0, context).numpy() - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(decode(sample).numpy() - expected_image).max() <= 1e-4 * np.abs(expected_image).max()
+    (key,) = os.listdir(tmp_path)
+    assert sorted(os.listdir(tmp_path / key)) == ["unet", "vae_decoder"]
+    compile_for_cpu(load_models(sd1_folder), threads=2)  # the second time loads the cached graphs
+    assert os.listdir(tmp_path) == [key]

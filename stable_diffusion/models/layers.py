@@ -5,6 +5,8 @@ key for key (Paddle's Linear stores its weight transposed; the loader handles th
 """
 import math
 
+import numpy as np
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -31,11 +33,17 @@ class Attention(nn.Layer):
         return self.to_out[0](scaled_dot_product_attention(q, k, v, self.heads, self.upcast))
 
 
+def dims(x):
+    """x's shape: Python ints when running eagerly, a shape tensor when traced for a static graph
+    (whose batch and spatial sizes are unknown until run time)."""
+    return x.shape if paddle.in_dynamic_mode() else paddle.shape(x)
+
+
 def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None):
     """q: [B, Lq, H*D], k and v: [B, Lk, H*D] -> [B, Lq, H*D]; mask is added to the scores."""
-    batch, q_len, inner = q.shape
+    inner = q.shape[-1]
     dim_head = inner // heads
-    split = lambda t: t.reshape([batch, -1, heads, dim_head]).transpose([0, 2, 1, 3])
+    split = lambda t: t.reshape([0, 0, heads, dim_head]).transpose([0, 2, 1, 3])
     q, k, v = split(q), split(k), split(v)
     dtype = q.dtype
     if upcast and dtype != paddle.float32:
@@ -45,7 +53,7 @@ def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None):
         scores = scores + mask
     probs = F.softmax(scores, axis=-1).astype(v.dtype)
     out = paddle.matmul(probs, v)
-    return out.transpose([0, 2, 1, 3]).reshape([batch, q_len, inner])
+    return out.transpose([0, 2, 1, 3]).reshape([0, 0, inner])
 
 
 class ResnetBlock2D(nn.Layer):
@@ -87,19 +95,22 @@ class Upsample2D(nn.Layer):
         self.conv = nn.Conv2D(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
+        # Nearest-neighbour x2 as repeats (which every backend runs, oneDNN included), then a crop to
+        # `size`: for an odd target that picks the same pixels as nearest interpolation to that size.
+        x = paddle.repeat_interleave(paddle.repeat_interleave(x, 2, axis=2), 2, axis=3)
+        if size is not None:
+            x = x[:, :, :size[0], :size[1]]
         return self.conv(x)
 
 
 def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10000):
+    """Sinusoidal features of timesteps, [T] -> [T, dim], in float32 numpy. Computed on the host: it
+    is tiny, and Paddle Inference mis-evaluates sin and cos of one input in the same graph."""
     half = dim // 2
-    exponent = -math.log(max_period) * paddle.arange(half, dtype="float32") / (half - freq_shift)
-    emb = timesteps.astype("float32")[:, None] * paddle.exp(exponent)[None, :]
-    sin, cos = paddle.sin(emb), paddle.cos(emb)
-    emb = paddle.concat([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
+    emb = np.asarray(timesteps, np.float32).reshape(-1, 1) * np.exp(exponent).astype(np.float32)[None, :]
+    sin, cos = np.sin(emb), np.cos(emb)
+    emb = np.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
     if dim % 2 == 1:
-        emb = F.pad(emb, [0, 1])
-    return emb
+        emb = np.pad(emb, [(0, 0), (0, 1)])
+    return emb.astype(np.float32)

@@ -6,7 +6,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from stable_diffusion.models.layers import (Attention, Downsample2D, ResnetBlock2D, Upsample2D,
+from stable_diffusion.models.layers import (Attention, Downsample2D, ResnetBlock2D, Upsample2D, dims,
                                             timestep_embedding)
 
 UNET_DEFAULTS = dict(
@@ -65,11 +65,11 @@ class Transformer2DModel(nn.Layer):
             [BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim, upcast)])
 
     def forward(self, x, context):
-        batch, channels, height, width = x.shape
+        shape, channels = dims(x), x.shape[1]
         residual = x
         h = self.norm(x)
-        to_tokens = lambda t: t.transpose([0, 2, 3, 1]).reshape([batch, height * width, channels])
-        to_image = lambda t: t.reshape([batch, height, width, channels]).transpose([0, 3, 1, 2])
+        to_tokens = lambda t: t.transpose([0, 2, 3, 1]).reshape([0, -1, channels])
+        to_image = lambda t: t.reshape([shape[0], shape[2], shape[3], channels]).transpose([0, 3, 1, 2])
         if self.linear_projection:
             h = self.proj_in(to_tokens(h))
         else:
@@ -183,13 +183,20 @@ class UNet2DConditionModel(nn.Layer):
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], epsilon=eps)
         self.conv_out = nn.Conv2D(channels[0], cfg["out_channels"], 3, padding=1)
 
+    def time_features(self, timestep):
+        """A number or a [1] / [B] array of timesteps -> the sinusoidal features the UNet embeds."""
+        if isinstance(timestep, paddle.Tensor):
+            timestep = timestep.numpy()
+        return timestep_embedding(timestep, self.config["block_out_channels"][0], self.config["flip_sin_to_cos"],
+                                  self.config["freq_shift"])
+
     def forward(self, sample, timestep, encoder_hidden_states):
-        """sample: [B, C, H, W]; timestep: a scalar or [B]; encoder_hidden_states: [B, 77, D]."""
-        batch = sample.shape[0]
-        timesteps = paddle.to_tensor(timestep).reshape([-1]).astype("float32").expand([batch])
-        temb = timestep_embedding(timesteps, self.config["block_out_channels"][0],
-                                  self.config["flip_sin_to_cos"], self.config["freq_shift"])
-        temb = temb.astype(sample.dtype)
+        """sample: [B, C, H, W]; timestep: a number, or 1 or B of them; encoder_hidden_states: [B, 77, D]."""
+        features = paddle.to_tensor(self.time_features(timestep))
+        return self.forward_with_time_features(sample, features, encoder_hidden_states)
+
+    def forward_with_time_features(self, sample, time_features, encoder_hidden_states):
+        temb = time_features.astype(sample.dtype)
         temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))
         context = encoder_hidden_states
 
@@ -215,6 +222,6 @@ class UNet2DConditionModel(nn.Layer):
             if block.upsamplers is not None:
                 # Upsample to the size of the skip it meets next: latents whose side is not a
                 # multiple of 8 lose a pixel on the way down.
-                x = block.upsamplers[0](x, size=skips[-1].shape[2:])
+                x = block.upsamplers[0](x, size=dims(skips[-1])[2:])
 
         return self.conv_out(F.silu(self.conv_norm_out(x)))

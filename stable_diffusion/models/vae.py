@@ -3,7 +3,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from stable_diffusion.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, scaled_dot_product_attention
+from stable_diffusion.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, dims, scaled_dot_product_attention
 
 VAE_DEFAULTS = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
@@ -24,10 +24,10 @@ class VAEAttention(nn.Layer):
         self.to_out = nn.LayerList([nn.Linear(channels, channels)])
 
     def forward(self, x):
-        batch, channels, height, width = x.shape
-        h = self.group_norm(x).reshape([batch, channels, height * width]).transpose([0, 2, 1])
+        shape, channels = dims(x), x.shape[1]
+        h = self.group_norm(x).flatten(2).transpose([0, 2, 1])
         h = scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=True)
-        h = self.to_out[0](h).transpose([0, 2, 1]).reshape([batch, channels, height, width])
+        h = self.to_out[0](h).transpose([0, 2, 1]).reshape([shape[0], channels, shape[2], shape[3]])
         return x + h
 
 

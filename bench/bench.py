@@ -1,0 +1,156 @@
+"""Speed and memory of this port against diffusers (PyTorch), side by side, on this machine.
+
+Builds the full-size SD v1.5 architecture (text encoder, UNet, VAE) with random weights, saves them
+once as a diffusers folder, then runs each library in its own process (so peak memory is its own),
+loading that same folder. Prints a table of medians with the ratio ours/diffusers.
+
+    .venv/bin/python bench/bench.py                      # 256 px rows, 512 px whole image with 2 steps
+    .venv/bin/python bench/bench.py --sizes 256 --repeats 5
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+
+def make_weights(folder):
+    """Random full-size SD v1.5 weights in the diffusers layout (what the Hub folder holds)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    from reference import save_diffusers_folder
+    from stable_diffusion.weights import default_config
+
+    torch.manual_seed(0)
+    models = {"text_encoder": CLIPTextModel(CLIPTextConfig(**default_config("text_encoder"))),
+              "unet": UNet2DConditionModel(**default_config("unet")),
+              "vae": AutoencoderKL(**default_config("vae"))}
+    save_diffusers_folder(models, folder)
+
+
+def timed(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_ours(folder, sizes, repeats, steps_by_size, engine):
+    import paddle
+    from stable_diffusion.pipeline import StableDiffusionPipeline, select_device
+    from stable_diffusion.weights import load_models
+    device = select_device(use_gpu=True)
+    pipe = StableDiffusionPipeline(load_models(folder), engine=engine if device == "cpu" else "eager")
+    rows = {}
+    rows["text encoding (2 prompts)"] = timed(lambda: pipe.encode_text(["a photo of a cat", ""]).numpy(), repeats)
+    context = pipe.encode_text(["a", ""])
+    for size in sizes:
+        latents = paddle.randn([2, 4, size // 8, size // 8])
+        with paddle.no_grad():
+            rows[f"guided UNet step, {size} px"] = timed(lambda: pipe.unet(latents, 500.0, context).numpy(),
+                                                         repeats)
+            rows[f"VAE decode, {size} px"] = timed(lambda: pipe.decode(latents[:1]), repeats)
+        steps = steps_by_size[size]
+        rows[f"whole image, {size} px, {steps} steps"] = timed(
+            lambda: pipe("a photo of a cat", "", size, size, 1, steps, 7.5, "ddim", 0.0, seed=0, progress=False),
+            max(1, repeats // 2), warmup=0)
+    return device, rows
+
+
+def run_diffusers(folder, sizes, repeats, steps_by_size, engine):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = CLIPTokenizer(os.path.join(folder, "tokenizer", "vocab.json"),
+                              os.path.join(folder, "tokenizer", "merges.txt"), model_max_length=77)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"), tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    rows = {}
+    with torch.no_grad():
+        rows["text encoding (2 prompts)"] = timed(lambda: pipe.encode_prompt("a photo of a cat", device, 1, True, ""),
+                                                  repeats)
+        context = torch.cat(pipe.encode_prompt("a", device, 1, True, "")[::-1])
+        for size in sizes:
+            latents = torch.randn(2, 4, size // 8, size // 8, device=device)
+            rows[f"guided UNet step, {size} px"] = timed(lambda: pipe.unet(latents, 500, context).sample.cpu(), repeats)
+            rows[f"VAE decode, {size} px"] = timed(
+                lambda: pipe.vae.decode(latents[:1] / pipe.vae.config.scaling_factor).sample.cpu(), repeats)
+            steps = steps_by_size[size]
+            rows[f"whole image, {size} px, {steps} steps"] = timed(
+                lambda: pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps,
+                             output_type="np"), max(1, repeats // 2), warmup=0)
+    return device, rows
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 2], help="whole-image steps, one per size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--weights", help="a diffusers folder to reuse (default: random weights in a temp dir)")
+    parser.add_argument("--engine", choices=["inference", "eager"], default="inference",
+                        help="our CPU engine (see stable_diffusion/pipeline.py)")
+    parser.add_argument("--library", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    steps_by_size = dict(zip(args.sizes, args.steps + [args.steps[-1]] * len(args.sizes)))
+
+    if args.library:
+        runner = run_ours if args.library == "ours" else run_diffusers
+        device, rows = runner(args.weights, args.sizes, args.repeats, steps_by_size, args.engine)
+        print(json.dumps({"device": device, "rows": rows, "peak_rss_mib": peak_rss_mib()}))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="sd-bench-") as scratch:
+        folder = args.weights or os.path.join(scratch, "weights")
+        if not args.weights:
+            make_weights(folder)
+        results = {}
+        for library in ("diffusers", "ours"):
+            command = [sys.executable, __file__, "--library", library, "--weights", folder, "--repeats",
+                       str(args.repeats), "--sizes", *map(str, args.sizes), "--steps", *map(str, args.steps),
+                       "--engine", args.engine]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[library] = json.loads(output.strip().splitlines()[-1])
+    ours, ref = results["ours"], results["diffusers"]
+    print(f"# {' '.join([os.path.relpath(sys.executable), os.path.relpath(__file__)] + sys.argv[1:])}")
+    print(f"# device: ours {ours['device']} ({args.engine} engine on CPU), diffusers {ref['device']}; {os.cpu_count()} CPU cores; "
+          f"median of {args.repeats} after a warm-up (whole image: {max(1, args.repeats // 2)} runs)")
+    print(f"| {'row':<34} | {'ours (s)':>9} | {'diffusers (s)':>13} | {'ours/diffusers':>14} |")
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 15}|{'-' * 16}|")
+    for row, seconds in ours["rows"].items():
+        reference = ref["rows"][row]
+        print(f"| {row:<34} | {seconds:>9.3f} | {reference:>13.3f} | {seconds / reference:>14.2f} |")
+    print(f"| {'peak RSS (MiB)':<34} | {ours['peak_rss_mib']:>9.0f} | {ref['peak_rss_mib']:>13.0f} | "
+          f"{ours['peak_rss_mib'] / ref['peak_rss_mib']:>14.2f} |")
+
+
+if __name__ == "__main__":
+    main()
