@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 
 import numpy as np
 import paddle
@@ -92,13 +93,16 @@ class CompiledLayer:
         # Handles by the InputSpec names: the predictor does not list its inputs in argument order.
         self.inputs = [self.predictor.get_input_handle(spec.name) for spec in input_spec]
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        self.lock = threading.Lock()  # one predictor, one set of input buffers: one call at a time
 
     def __call__(self, *arrays):
-        for handle, array in zip(self.inputs, arrays):
-            array = array.numpy() if isinstance(array, paddle.Tensor) else array
-            handle.copy_from_cpu(np.ascontiguousarray(array, dtype=np.float32))
-        self.predictor.run()
-        return paddle.to_tensor(self.output.copy_to_cpu())
+        arrays = [np.ascontiguousarray(a.numpy() if isinstance(a, paddle.Tensor) else a, dtype=np.float32)
+                  for a in arrays]
+        with self.lock:
+            for handle, array in zip(self.inputs, arrays):
+                handle.copy_from_cpu(array)
+            self.predictor.run()
+            return paddle.to_tensor(self.output.copy_to_cpu())
 
 
 def compile_for_cpu(models, threads):
