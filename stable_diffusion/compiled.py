@@ -74,7 +74,17 @@ def export(graph, input_spec, folder):
 def release_parameters(layer):
     """Free a layer's weights once its graph holds its own copy: peak memory stays one model's."""
     for param in layer.parameters():
-        param._clear_data()
+        if param._is_initialized():
+            param._clear_data()
+
+
+def graph_folder(source):
+    return os.path.join(cache_root(), weights_fingerprint(source))
+
+
+def unet_graph_cached(source):
+    """Whether the UNet's graph for these weights is saved: then its eager weights need not be loaded."""
+    return os.path.isdir(os.path.join(graph_folder(source), "unet"))
 
 
 class CompiledLayer:
@@ -108,7 +118,7 @@ class CompiledLayer:
 def compile_for_cpu(models, threads):
     """(unet, vae_decode) callables backed by Paddle Inference; exported on first use per weights.
     The eager UNet and VAE decoder give their weights up to the graphs: only their configs remain."""
-    key = os.path.join(cache_root(), weights_fingerprint(models.source))
+    key = graph_folder(models.source)
     cross_dim = models.unet.config["cross_attention_dim"]
     channels = models.unet.config["in_channels"]
     time_dim = models.unet.config["block_out_channels"][0]

@@ -17,10 +17,11 @@ from stable_diffusion.text_to_image import MODEL_ENV_VAR, TextToImage
             author_email="")
 class StableDiffusion(RunModule):
 
-    def __init__(self, model=None):
+    def __init__(self, model=None, cpu_engine="inference"):
         """model: a diffusers model folder, a .safetensors/.ckpt file or a Hub repo id; default: the
-        STABLE_DIFFUSION_MODEL environment variable, else stable-diffusion-v1-5. Loaded at first use."""
-        self.text_to_image = TextToImage(model)
+        STABLE_DIFFUSION_MODEL environment variable, else stable-diffusion-v1-5. Loaded at first use.
+        cpu_engine: 'inference' (Paddle Inference with oneDNN, faster) or 'eager', on CPU."""
+        self.text_to_image = TextToImage(model, cpu_engine)
 
     def generate_image(self, text_prompts, style=None, artist=None, width_height=[512, 512], seed=None,
                        batch_size=1, output_dir="stable_diffusion_out", num_inference_steps=50,
@@ -59,6 +60,8 @@ class StableDiffusion(RunModule):
         parser.add_argument("--model", type=str, default=None,
                             help=f"weights: folder, .safetensors/.ckpt file or Hub repo id (default: ${MODEL_ENV_VAR})")
         parser.add_argument("--use_gpu", type=int, default=1, help="1: use a GPU when one is visible")
+        parser.add_argument("--cpu_engine", type=str, default="inference",
+                            help="on CPU: 'inference' (Paddle Inference + oneDNN, faster) or 'eager'")
         parser.add_argument("--enable_fp16", type=int, default=0, help="1: fp16 UNet and text encoder on GPU")
         args = parser.parse_args(argvs)
         if args.prompts_file:
@@ -68,8 +71,8 @@ class StableDiffusion(RunModule):
             prompts = args.text_prompts
         else:
             parser.error("give --text_prompts or --prompts_file")
-        if args.model:
-            self.text_to_image = TextToImage(args.model)
+        if args.model or args.cpu_engine != self.text_to_image.cpu_engine:
+            self.text_to_image = TextToImage(args.model or self.text_to_image.model_source, args.cpu_engine)
         documents = self.generate_image(
             prompts, style=args.style, artist=args.artist, width_height=args.width_height, seed=args.seed,
             batch_size=args.batch_size, output_dir=args.output_dir, num_inference_steps=args.num_inference_steps,

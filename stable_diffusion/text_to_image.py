@@ -11,7 +11,8 @@ from docarray import DocumentArray
 from stable_diffusion.pipeline import ENGINES, FRAME_DECODERS, StableDiffusionPipeline, select_device
 from stable_diffusion.results import build_prompt_document
 from stable_diffusion.samplers import SAMPLERS
-from stable_diffusion.weights import DEFAULT_MODEL, load_models
+from stable_diffusion.compiled import unet_graph_cached
+from stable_diffusion.weights import DEFAULT_MODEL, load_models, resolve_source
 
 MODEL_ENV_VAR = "STABLE_DIFFUSION_MODEL"
 MIN_SIDE, MAX_SIDE = 64, 2048
@@ -98,7 +99,10 @@ class TextToImage:
             if self._pipeline_key != (device, dtype):
                 self._pipeline = None  # free the old copy before loading another
                 engine = self.cpu_engine if device == "cpu" else "eager"
-                self._pipeline = StableDiffusionPipeline(load_models(self.model_source, dtype=dtype), dtype, engine)
+                source = resolve_source(self.model_source)
+                skip = ("unet",) if engine == "inference" and unet_graph_cached(source) else ()
+                models = load_models(source, dtype=dtype, skip_weights=skip)
+                self._pipeline = StableDiffusionPipeline(models, dtype, engine)
                 self._pipeline_key = (device, dtype)
             return self._pipeline
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import paddle
 import paddle.nn as nn
 
 from stable_diffusion.checkpoint_files import CheckpointError, read_state_dict
@@ -88,6 +89,11 @@ def load_state_dict(model, state_dict, where, dtype="float32"):
 
 
 def build_model(component, config, state_dict, where, dtype):
+    """The model with its weights; with state_dict None, only its structure (weights never allocated:
+    for a component whose compiled graph already holds them)."""
+    if state_dict is None:
+        with paddle.LazyGuard():
+            return MODEL_CLASSES[component](config).eval()
     # The VAE stays in fp32 whatever `dtype` is: SD's decoder overflows in fp16.
     dtype = "float32" if component == "vae" else dtype
     model = MODEL_CLASSES[component](config)
@@ -107,11 +113,14 @@ def find_weights_file(folder, component, variant=None):
                           f"{candidates}")
 
 
-def load_folder(folder, dtype="float32", variant=None):
+def load_folder(folder, dtype="float32", variant=None, skip_weights=()):
     """A diffusers model folder: text_encoder/, unet/, vae/, scheduler/, tokenizer/."""
     models = {}
     for component in MODEL_CLASSES:
         config = read_json(os.path.join(folder, component, "config.json"))
+        if component in skip_weights:
+            models[component] = build_model(component, config, None, folder, dtype)
+            continue
         path = find_weights_file(folder, component, variant)
         state = read_state_dict(path)
         if component == "text_encoder":
@@ -246,12 +255,13 @@ def split_compvis_state_dict(state, unet_config, vae_config, where):
     return parts
 
 
-def load_single_file(path, dtype="float32", configs=None):
+def load_single_file(path, dtype="float32", configs=None, skip_weights=()):
     """A CompVis-layout `.safetensors`/`.ckpt`; `configs` overrides the SD v1 configs per component."""
     configs = {c: (configs or {}).get(c) or default_config(c) for c in (*MODEL_CLASSES, "scheduler")}
     state = read_state_dict(path)
     parts = split_compvis_state_dict(state, configs["unet"], configs["vae"], path)
-    models = {c: build_model(c, configs[c], parts[c], f"{path} ({c})", dtype) for c in MODEL_CLASSES}
+    models = {c: build_model(c, configs[c], None if c in skip_weights else parts[c], f"{path} ({c})", dtype)
+              for c in MODEL_CLASSES}
     return StableDiffusionModels(CLIPTokenizer.from_folder(), scheduler_config=configs["scheduler"],
                                  source=path, **models)
 
@@ -276,16 +286,25 @@ def download_from_hub(repo_id, variant=None):
             "file, as `model=` or the STABLE_DIFFUSION_MODEL environment variable.") from None
 
 
-def load_models(source=None, dtype="float32", variant=None):
-    """Load from a folder, a single file, or a Hub repo id (default: SD v1.5)."""
+def resolve_source(source=None, variant=None):
+    """The local folder or file behind a folder, a file or a Hub repo id (default: SD v1.5)."""
     source = source or DEFAULT_MODEL
     if os.path.isdir(source):
-        return load_folder(source, dtype, variant)
+        return source
     if os.path.isfile(source):
         if not source.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
             raise CheckpointError(f"{source}: expected a .safetensors or .ckpt file, or a diffusers folder")
-        return load_single_file(source, dtype)
+        return source
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
-        return load_folder(download_from_hub(source, variant), dtype, variant)
+        return download_from_hub(source, variant)
     raise CheckpointError(f"model {source!r} is neither an existing folder or file nor a Hub repo id "
                           "(owner/name)")
+
+
+def load_models(source=None, dtype="float32", variant=None, skip_weights=()):
+    """Load from a folder, a single file, or a Hub repo id (default: SD v1.5). Components named in
+    `skip_weights` are built without their weights."""
+    path = resolve_source(source, variant)
+    if os.path.isdir(path):
+        return load_folder(path, dtype, variant, skip_weights)
+    return load_single_file(path, dtype, skip_weights=skip_weights)

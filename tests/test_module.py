@@ -146,3 +146,19 @@ def test_model_from_environment_variable(sd1_folder, monkeypatch):
     assert TextToImage().model_source == sd1_folder
     monkeypatch.delenv("STABLE_DIFFUSION_MODEL")
     assert TextToImage().model_source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_cached_graph_loads_without_eager_unet_weights(module, sd1_folder):
+    before = final_image(module.generate_image("a kite", seed=2, output_dir=None, **FAST)[0])
+    fresh = TextToImage(sd1_folder)
+    pipeline = fresh.pipeline(use_gpu=False, enable_fp16=False)
+    assert not any(p._is_initialized() for p in pipeline.models.unet.parameters())
+    after = final_image(fresh.generate_image("a kite", seed=2, output_dir=None, progress=False, **FAST)[0])
+    np.testing.assert_array_equal(before, after)
+
+
+def test_eager_engine_gives_the_same_image(module, sd1_folder):
+    compiled = final_image(module.generate_image("a kite", seed=2, output_dir=None, **FAST)[0])
+    eager = StableDiffusion(model=sd1_folder, cpu_engine="eager")
+    image = final_image(eager.generate_image("a kite", seed=2, output_dir=None, **FAST)[0])
+    assert np.abs(compiled.astype(int) - image.astype(int)).max() <= 1

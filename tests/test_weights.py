@@ -165,3 +165,12 @@ def test_torch_zip_checkpoint_read_without_torch_types(tmp_path):
     np.testing.assert_array_equal(loaded["half"], tensors["half"].numpy())
     np.testing.assert_array_equal(loaded["bf16"], tensors["bf16"].float().numpy())
     assert zipfile.is_zipfile(path)
+
+
+def test_fp16_load_keeps_vae_in_fp32(sd1_folder):
+    models = load_models(sd1_folder, dtype="float16")
+    assert {str(p.dtype) for p in models.unet.parameters()} == {"paddle.float16"}
+    assert {str(p.dtype) for p in models.text_encoder.parameters()} == {"paddle.float16"}
+    assert {str(p.dtype) for p in models.vae.parameters()} == {"paddle.float32"}
+    reference = read_state_dict(f"{sd1_folder}/unet/diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    np.testing.assert_array_equal(models.unet.conv_in.weight.numpy(), reference.astype(np.float16))
