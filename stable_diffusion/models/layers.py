@@ -48,7 +48,8 @@ def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None):
     dtype = q.dtype
     if upcast and dtype != paddle.float32:
         q, k = q.astype("float32"), k.astype("float32")
-    scores = paddle.matmul(q, k, transpose_y=True) * (dim_head ** -0.5)
+    # Scaling q rather than the scores: one pass over [B, H, Lq, D] instead of [B, H, Lq, Lk].
+    scores = paddle.matmul(q * (dim_head ** -0.5), k, transpose_y=True)
     if mask is not None:
         scores = scores + mask
     probs = F.softmax(scores, axis=-1).astype(v.dtype)
