@@ -4,10 +4,8 @@ with oneDNN, and PyTorch, on shapes from the SD UNet at 256 px. Prints milliseco
     .venv/bin/python bench/ops.py
 """
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import paddle
@@ -16,6 +14,7 @@ import torch
 from paddle.static import InputSpec
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench import timed  # noqa: E402
 from stable_diffusion.compiled import CompiledLayer  # noqa: E402
 from stable_diffusion.models.layers import scaled_dot_product_attention  # noqa: E402
 
@@ -23,13 +22,7 @@ CORES = os.cpu_count() or 1
 
 
 def median_ms(fn, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return timed(fn, repeats) * 1000
 
 
 class Conv(nn.Layer):
