@@ -18,7 +18,7 @@ from paddle import inference
 from paddle.static import InputSpec
 
 CACHE_ENV_VAR = "STABLE_DIFFUSION_CACHE"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
 def cache_root():

@@ -49,11 +49,15 @@ def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None):
     if upcast and dtype != paddle.float32:
         q, k = q.astype("float32"), k.astype("float32")
     # Scaling q rather than the scores: one pass over [B, H, Lq, D] instead of [B, H, Lq, Lk].
-    scores = paddle.matmul(q * (dim_head ** -0.5), k, transpose_y=True)
-    if mask is not None:
-        scores = scores + mask
-    probs = F.softmax(scores, axis=-1).astype(v.dtype)
-    out = paddle.matmul(probs, v)
+    q = q * (dim_head ** -0.5)
+    outs = []
+    for h in range(heads):
+        scores = paddle.matmul(q[:, h], k[:, h], transpose_y=True)
+        if mask is not None:
+            scores = scores + mask[:, 0]
+        probs = F.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(paddle.matmul(probs, v[:, h]))
+    out = paddle.stack(outs, axis=1)
     return out.transpose([0, 2, 1, 3]).reshape([0, 0, inner])
 
 
