@@ -18,7 +18,10 @@ from paddle import inference
 from paddle.static import InputSpec
 
 CACHE_ENV_VAR = "STABLE_DIFFUSION_CACHE"
-FORMAT_VERSION = "2"
+# The graphs are traced from this code: a change to it must not reuse graphs traced from older code.
+TRACED_SOURCES = [os.path.join(os.path.dirname(__file__), "compiled.py")] + sorted(
+    os.path.join(os.path.dirname(__file__), "models", name)
+    for name in os.listdir(os.path.join(os.path.dirname(__file__), "models")) if name.endswith(".py"))
 
 
 def cache_root():
@@ -30,7 +33,10 @@ def weights_fingerprint(source):
     source = os.path.abspath(source)
     paths = [source] if os.path.isfile(source) else sorted(
         os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
-    digest = hashlib.sha256(f"{FORMAT_VERSION} {paddle.__version__} {source}".encode())
+    digest = hashlib.sha256(f"{paddle.__version__} {source}".encode())
+    for path in TRACED_SOURCES:
+        with open(path, "rb") as f:
+            digest.update(f.read())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns}".encode())
@@ -66,7 +72,11 @@ def export(graph, input_spec, folder):
     try:
         static = paddle.jit.to_static(graph, input_spec=input_spec, full_graph=True)
         paddle.jit.save(static, os.path.join(scratch, "model"))
-        os.replace(scratch, folder)
+        try:
+            os.replace(scratch, folder)
+        except OSError:
+            if not os.path.isdir(folder):  # else another process exported the same graph first
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -88,11 +88,14 @@ class StableDiffusion(RunModule):
     @serving
     def serving_method(self, text_prompts=None, **kwargs):
         """JSON body -> generate_image keyword arguments; the result as a base64 DocumentArray."""
-        allowed = set(inspect.signature(TextToImage.generate_image).parameters) - {"self", "text_prompts", "progress"}
+        allowed = set(inspect.signature(TextToImage.generate_image).parameters) - {
+            "self", "text_prompts", "progress", "output_dir"}
+        if "output_dir" in kwargs:
+            raise ValueError("output_dir cannot be set through serving: the server writes no files; "
+                             "save the returned images on the client")
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise ValueError(f"unknown parameters {unknown}; accepted: text_prompts, {', '.join(sorted(allowed))}")
         if text_prompts is None:
             raise ValueError("the request body needs text_prompts (a string or a list of strings)")
-        kwargs.setdefault("output_dir", None)  # the server's disk is not the client's
-        return self.generate_image(text_prompts=text_prompts, **kwargs).to_base64()
+        return self.generate_image(text_prompts=text_prompts, output_dir=None, **kwargs).to_base64()

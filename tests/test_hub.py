@@ -116,6 +116,10 @@ def test_serving_answers_refuses_and_answers_again(server):
     status, answer = post(server, {**GOOD, "colour": "blue"})
     assert answer["status"] != "000" and "unknown parameters ['colour']" in answer["msg"], answer
 
+    status, answer = post(server, {**GOOD, "output_dir": "/tmp/anywhere"})
+    assert answer["status"] != "000" and "output_dir cannot be set through serving" in answer["msg"], answer
+    assert not os.path.exists("/tmp/anywhere")
+
     status, answer = post(server, b"{not json", raw=True)
     assert status == 400 or answer["status"] != "000"
 

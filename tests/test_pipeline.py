@@ -87,3 +87,20 @@ def test_compiled_unet_matches_eager_and_is_cached(sd1_folder, tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path / key)) == ["unet", "vae_decoder"]
     compile_for_cpu(load_models(sd1_folder), threads=2)  # the second time loads the cached graphs
     assert os.listdir(tmp_path) == [key]
+
+
+def test_graph_cache_key_follows_weights_and_traced_code(sd1_folder, tmp_path, monkeypatch):
+    import os
+    import stable_diffusion.compiled as compiled
+    code = tmp_path / "layers.py"
+    code.write_text("x = 1\n")
+    monkeypatch.setattr(compiled, "TRACED_SOURCES", [str(code)])
+    key = compiled.weights_fingerprint(sd1_folder)
+    assert compiled.weights_fingerprint(sd1_folder) == key
+    code.write_text("x = 2\n")
+    assert compiled.weights_fingerprint(sd1_folder) != key
+    key = compiled.weights_fingerprint(sd1_folder)
+    config = os.path.join(sd1_folder, "unet", "config.json")
+    stat = os.stat(config)
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert compiled.weights_fingerprint(sd1_folder) != key
