@@ -14,14 +14,17 @@ import paddle.nn.functional as F
 
 class Attention(nn.Layer):
     """Multi-head attention as diffusers' `Attention`: self-attention, or cross-attention when
-    `cross_attention_dim` is given. `upcast` computes the softmax in fp32 (SD 2.1 needs it in fp16)."""
+    `cross_attention_dim` is given. `upcast` computes the softmax in fp32 (SD 2.1 needs it in fp16).
+    `query_chunks`: see `scaled_dot_product_attention`."""
 
-    def __init__(self, query_dim, heads, dim_head, cross_attention_dim=None, bias=False, upcast=False):
+    def __init__(self, query_dim, heads, dim_head, cross_attention_dim=None, bias=False, upcast=False,
+                 query_chunks=1):
         super().__init__()
         inner_dim = heads * dim_head
         context_dim = cross_attention_dim or query_dim
         self.heads = heads
         self.upcast = upcast
+        self.query_chunks = query_chunks
         self.to_q = nn.Linear(query_dim, inner_dim, bias_attr=bias)
         self.to_k = nn.Linear(context_dim, inner_dim, bias_attr=bias)
         self.to_v = nn.Linear(context_dim, inner_dim, bias_attr=bias)
@@ -30,7 +33,8 @@ class Attention(nn.Layer):
     def forward(self, hidden_states, context=None):
         context = hidden_states if context is None else context
         q, k, v = self.to_q(hidden_states), self.to_k(context), self.to_v(context)
-        return self.to_out[0](scaled_dot_product_attention(q, k, v, self.heads, self.upcast))
+        return self.to_out[0](scaled_dot_product_attention(q, k, v, self.heads, self.upcast,
+                                                           query_chunks=self.query_chunks))
 
 
 def dims(x):
@@ -39,26 +43,40 @@ def dims(x):
     return x.shape if paddle.in_dynamic_mode() else paddle.shape(x)
 
 
-def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None):
-    """q: [B, Lq, H*D], k and v: [B, Lk, H*D] -> [B, Lq, H*D]; mask is added to the scores."""
+def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None, query_chunks=1):
+    """q: [B, Lq, H*D], k and v: [B, Lk, H*D] -> [B, Lq, H*D]; mask ([B, 1, Lq, Lk]) is added to the
+    scores (only with query_chunks=1).
+
+    Computed one head and one block of queries at a time: Paddle has no fused attention on CPU, and
+    the whole [B, H, Lq, Lk] score tensor (1 GiB per layer for SD at 512 px) makes every pass over it
+    run from main memory; a block's scores stay in cache (bench/NOTES.md). The graph is traced once
+    for every image size, so the number of blocks is fixed and their size follows Lq; the queries are
+    padded to a multiple of `query_chunks` and the padded rows dropped at the end."""
     inner = q.shape[-1]
     dim_head = inner // heads
-    split = lambda t: t.reshape([0, 0, heads, dim_head]).transpose([0, 2, 1, 3])
-    q, k, v = split(q), split(k), split(v)
-    dtype = q.dtype
-    if upcast and dtype != paddle.float32:
+    length = dims(q)[1]
+    if upcast and q.dtype != paddle.float32:
         q, k = q.astype("float32"), k.astype("float32")
-    # Scaling q rather than the scores: one pass over [B, H, Lq, D] instead of [B, H, Lq, Lk].
+    # Scaling q rather than the scores: one pass over [B, Lq, H*D] instead of [B, H, Lq, Lk].
     q = q * (dim_head ** -0.5)
+    if query_chunks > 1:
+        chunk = (length + query_chunks - 1) // query_chunks
+        padding = paddle.zeros([dims(q)[0], chunk * query_chunks - length, inner], q.dtype)
+        q = paddle.concat([q, padding], axis=1)
+    q = q.reshape([0, query_chunks, -1, inner])
     outs = []
     for h in range(heads):
-        scores = paddle.matmul(q[:, h], k[:, h], transpose_y=True)
-        if mask is not None:
-            scores = scores + mask[:, 0]
-        probs = F.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(paddle.matmul(probs, v[:, h]))
-    out = paddle.stack(outs, axis=1)
-    return out.transpose([0, 2, 1, 3]).reshape([0, 0, inner])
+        channels = slice(h * dim_head, (h + 1) * dim_head)
+        k_head, v_head = k[:, :, channels], v[:, :, channels]
+        blocks = []
+        for i in range(query_chunks):
+            scores = paddle.matmul(q[:, i, :, channels], k_head, transpose_y=True)
+            if mask is not None:
+                scores = scores + mask[:, 0]
+            blocks.append(paddle.matmul(F.softmax(scores, axis=-1).astype(v.dtype), v_head))
+        outs.append(paddle.concat(blocks, axis=1) if query_chunks > 1 else blocks[0])
+    out = paddle.concat(outs, axis=-1)
+    return out[:, :length] if query_chunks > 1 else out
 
 
 class ResnetBlock2D(nn.Layer):

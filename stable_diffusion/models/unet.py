@@ -37,10 +37,10 @@ class FeedForward(nn.Layer):
 
 
 class BasicTransformerBlock(nn.Layer):
-    def __init__(self, dim, heads, dim_head, cross_attention_dim, upcast):
+    def __init__(self, dim, heads, dim_head, cross_attention_dim, upcast, query_chunks):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast)
+        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast, query_chunks=query_chunks)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
@@ -53,7 +53,7 @@ class BasicTransformerBlock(nn.Layer):
 
 
 class Transformer2DModel(nn.Layer):
-    def __init__(self, channels, heads, cross_attention_dim, groups, linear_projection, upcast):
+    def __init__(self, channels, heads, cross_attention_dim, groups, linear_projection, upcast, query_chunks):
         super().__init__()
         self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, epsilon=1e-6)
@@ -62,7 +62,7 @@ class Transformer2DModel(nn.Layer):
         else:
             self.proj_in, self.proj_out = nn.Conv2D(channels, channels, 1), nn.Conv2D(channels, channels, 1)
         self.transformer_blocks = nn.LayerList(
-            [BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim, upcast)])
+            [BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim, upcast, query_chunks)])
 
     def forward(self, x, context):
         shape, channels = dims(x), x.shape[1]
@@ -144,9 +144,11 @@ class UNet2DConditionModel(nn.Layer):
         def resnet(cin, cout):
             return ResnetBlock2D(cin, cout, temb_dim, groups, eps)
 
-        def attention(ch, n_heads):
+        def attention(ch, n_heads, level):
+            # Self-attention in blocks of queries: 8 at full latent size, fewer where a level has 4x
+            # fewer pixels, so that a block is ~512 queries at 512 px (bench/NOTES.md).
             return Transformer2DModel(ch, n_heads, cross_dim, groups, cfg["use_linear_projection"],
-                                      cfg["upcast_attention"])
+                                      cfg["upcast_attention"], query_chunks=max(1, 8 // 4 ** level))
 
         self.conv_in = nn.Conv2D(cfg["in_channels"], channels[0], 3, padding=1)
         self.time_embedding = nn.Layer()
@@ -159,12 +161,12 @@ class UNet2DConditionModel(nn.Layer):
             is_last = i == blocks - 1
             down_blocks.append(UNetBlock(
                 [resnet(in_ch if j == 0 else out_ch, out_ch) for j in range(lpb)],
-                [attention(out_ch, heads[i]) for _ in range(lpb)] if block_type.startswith("CrossAttn") else [],
+                [attention(out_ch, heads[i], i) for _ in range(lpb)] if block_type.startswith("CrossAttn") else [],
                 downsampler=None if is_last else Downsample2D(out_ch, cfg["downsample_padding"])))
         self.down_blocks = nn.LayerList(down_blocks)
 
         self.mid_block = UNetMidBlock([resnet(channels[-1], channels[-1]) for _ in range(2)],
-                                      [attention(channels[-1], heads[-1])])
+                                      [attention(channels[-1], heads[-1], blocks - 1)])
 
         up_blocks, reversed_channels, reversed_heads = [], channels[::-1], heads[::-1]
         out_ch = reversed_channels[0]
@@ -175,7 +177,7 @@ class UNet2DConditionModel(nn.Layer):
             up_blocks.append(UNetBlock(
                 [resnet((prev_ch if j == 0 else out_ch) + (skip_ch if j == lpb else out_ch), out_ch)
                  for j in range(lpb + 1)],
-                [attention(out_ch, reversed_heads[i]) for _ in range(lpb + 1)]
+                [attention(out_ch, reversed_heads[i], blocks - 1 - i) for _ in range(lpb + 1)]
                 if block_type.startswith("CrossAttn") else [],
                 upsampler=None if is_last else Upsample2D(out_ch)))
         self.up_blocks = nn.LayerList(up_blocks)
