@@ -6,7 +6,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from stable_diffusion.models.layers import (Attention, Downsample2D, ResnetBlock2D, Upsample2D, dims,
+from stable_diffusion.models.layers import (Attention, Downsample2D, ResnetBlock2D, Upsample2D, dims, silu,
                                             timestep_embedding)
 
 UNET_DEFAULTS = dict(
@@ -199,7 +199,7 @@ class UNet2DConditionModel(nn.Layer):
 
     def forward_with_time_features(self, sample, time_features, encoder_hidden_states):
         temb = time_features.astype(sample.dtype)
-        temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))
+        temb = self.time_embedding.linear_2(silu(self.time_embedding.linear_1(temb)))
         context = encoder_hidden_states
 
         x = self.conv_in(sample)
@@ -226,4 +226,4 @@ class UNet2DConditionModel(nn.Layer):
                 # multiple of 8 lose a pixel on the way down.
                 x = block.upsamplers[0](x, size=dims(skips[-1])[2:])
 
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))

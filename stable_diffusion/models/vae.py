@@ -1,9 +1,9 @@
 """AutoencoderKL (the KL-f8 VAE of Stable Diffusion), as in diffusers, built from `vae/config.json`."""
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
-from stable_diffusion.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, dims, scaled_dot_product_attention
+from stable_diffusion.models.layers import (Downsample2D, ResnetBlock2D, Upsample2D, dims, scaled_dot_product_attention,
+                                            silu)
 
 VAE_DEFAULTS = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
@@ -80,7 +80,7 @@ class Encoder(nn.Layer):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+        return self.conv_out(silu(self.conv_norm_out(self.mid_block(x))))
 
 
 class Decoder(nn.Layer):
@@ -103,7 +103,7 @@ class Decoder(nn.Layer):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class AutoencoderKL(nn.Layer):
