@@ -104,3 +104,31 @@ def test_graph_cache_key_follows_weights_and_traced_code(sd1_folder, tmp_path, m
     stat = os.stat(config)
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert compiled.weights_fingerprint(sd1_folder) != key
+
+
+def test_compiled_graphs_run_on_one_thread_whoever_calls(sd1_folder, tmp_path, monkeypatch):
+    # oneDNN caches a reordered copy of the weights per calling thread: a thread per request
+    # (hub serving) would pay for that copy on every request.
+    import threading
+    import paddle
+    from stable_diffusion.compiled import CompiledLayer, compile_for_cpu
+    monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
+    unet, _ = compile_for_cpu(load_models(sd1_folder), threads=1)
+    ran_on = []
+    run = CompiledLayer.run
+    monkeypatch.setattr(CompiledLayer, "run", lambda self, arrays: ran_on.append(threading.get_ident())
+                        or run(self, arrays))
+    sample, context = paddle.randn([2, 4, 8, 8]), paddle.randn([2, 77, 32])
+    expected = unet(sample, 500.0, context).numpy()
+    callers, results = [], []
+
+    def call():
+        callers.append(threading.get_ident())
+        results.append(unet(sample, 500.0, context).numpy())
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+        thread.join()
+    assert len(set(ran_on)) == 1 and ran_on[0] not in callers + [threading.get_ident()]
+    assert all(np.array_equal(result, expected) for result in results)

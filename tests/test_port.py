@@ -67,3 +67,31 @@ def test_config_values_reach_the_model(ours):
     kind, reference, models = ours
     assert models.vae.scaling_factor == reference["vae"].config.scaling_factor
     assert models.vae.downsampling_factor == 2 ** (len(reference["vae"].config.block_out_channels) - 1)
+
+
+@pytest.mark.parametrize("length", [1, 3, 63, 64])
+@pytest.mark.parametrize("query_chunks", [1, 2, 8])
+def test_attention_in_blocks_of_queries_matches_torch(length, query_chunks):
+    from stable_diffusion.models.layers import scaled_dot_product_attention
+    rng = np.random.default_rng(length)
+    q, k, v = (rng.standard_normal((2, n, 3 * 8)).astype(np.float32) for n in (length, 11, 11))
+    ours = scaled_dot_product_attention(*map(paddle.to_tensor, (q, k, v)), heads=3, query_chunks=query_chunks)
+    split = lambda a: torch.from_numpy(a).reshape(2, -1, 3, 8).transpose(1, 2)
+    expected = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    expected = expected.transpose(1, 2).reshape(2, length, 24).numpy()
+    assert ours.shape == [2, length, 24]
+    assert max_relative_error(ours.numpy(), expected) < 1e-5
+
+
+@pytest.mark.parametrize("target", [None, (6, 10), (5, 9), (6, 9), (5, 10)])
+def test_upsample_by_phases_matches_interpolate_then_conv(target):
+    from diffusers.models.resnet import Upsample2D as Reference
+    from stable_diffusion.models.layers import Upsample2D
+    torch.manual_seed(0)
+    reference = Reference(8, use_conv=True).eval()
+    ours = Upsample2D(8)
+    ours.set_state_dict({"conv.weight": to_numpy(reference.conv.weight), "conv.bias": to_numpy(reference.conv.bias)})
+    x = np.random.default_rng(0).standard_normal((2, 8, 3, 5)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x), output_size=target).numpy()
+    assert max_relative_error(ours(paddle.to_tensor(x), size=target).numpy(), expected) < 1e-5

@@ -117,20 +117,58 @@ class Downsample2D(nn.Layer):
 
 
 class Upsample2D(nn.Layer):
+    """Nearest-neighbour x2, then a 3x3 convolution; computed as one convolution at the input's size.
+
+    Through the 3x3 kernel, each of the four output pixels made from one input pixel (its phases) sees
+    only 2x2 distinct input pixels, so each phase is a 2x2 convolution whose taps are sums of the 3x3
+    taps: 2.25x fewer multiply-adds, and the upsampled input is never built (bench/NOTES.md)."""
+
+    # Output row 2i + a sees input rows (i-1, i, i) through the kernel's rows when a = 0, (i, i, i+1)
+    # when a = 1: PHASE_TAPS[a] folds the 3 rows into 2, over input rows (i-1+a, i+a). Same for columns.
+    PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+    PHASES = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2D(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
-        # Nearest-neighbour x2 by tiling each pixel into a 2x2 block (oneDNN runs no nearest_interp;
-        # tile is 5x faster than repeat_interleave there), then a crop to `size`: for an odd target
-        # that picks the same pixels as nearest interpolation to that size.
+        """x upsampled to 2x its size, or to `size` (an odd side 2n-1 where the UNet's skip has one)."""
+        out = self.phased(x)
+        if size is None:
+            return out
+        # Nearest interpolation to an odd side picks the same pixels as x2 and a crop, but the last
+        # row (column) of the crop meets the kernel's zero padding where the phases assumed a copy of
+        # the last input row: the last row and column are recomputed plainly, for either parity.
+        weight = self.conv.weight
+        last_row = self.last_row(x, size, weight)
+        last_column = self.last_row(x.transpose([0, 1, 3, 2]), [size[1], size[0]], weight.transpose([0, 1, 3, 2]))
+        out = paddle.concat([out[:, :, :size[0] - 1, :size[1] - 1],
+                             last_column.transpose([0, 1, 3, 2])[:, :, :size[0] - 1]], axis=3)
+        return paddle.concat([out, last_row], axis=2)
+
+    def last_row(self, x, size, weight):
+        """Output row size[0] - 1, the plain way: the 3x3 kernel over the two upsampled rows it sees
+        (upsampled rows size[0] - 2 and size[0] - 1, cropped to size[1] columns) and zero padding."""
+        odd = 2 * dims(x)[2] - size[0]  # 1 when the target height is odd, else 0
+        odd = odd if isinstance(odd, int) else odd.astype(x.dtype)
+        padded = F.pad(x, [0, 0, 1, 0])  # a zero row above: the row before the first, for 1-row inputs
+        upper = odd * padded[:, :, -2:-1] + (1 - odd) * padded[:, :, -1:]
+        rows = paddle.repeat_interleave(paddle.concat([upper, x[:, :, -1:]], axis=2), 2, axis=3)
+        return F.conv2d(rows[:, :, :, :size[1]], weight, self.conv.bias, padding=1)[:, :, 1:2]
+
+    def phased(self, x):
+        weight = self.conv.weight
+        taps = [paddle.to_tensor(t, dtype=weight.dtype) for t in self.PHASE_TAPS]
+        kernels = [paddle.matmul(paddle.matmul(taps[a], weight), taps[b], transpose_y=True) for a, b in self.PHASES]
+        # With one pixel of padding, the 2x2 window at (r, c) covers input rows r-1 and r: phase
+        # (a, b) of input pixel (i, j) is at (i + a, j + b).
+        y = F.conv2d(x, paddle.concat(kernels), paddle.concat([self.conv.bias] * 4), padding=1)
         shape = dims(x)
-        x = paddle.tile(x.unsqueeze([3, 5]), [1, 1, 1, 2, 1, 2])
-        x = x.reshape([shape[0], shape[1], 2 * shape[2], 2 * shape[3]])
-        if size is not None:
-            x = x[:, :, :size[0], :size[1]]
-        return self.conv(x)
+        height, width = shape[2], shape[3]
+        phases = [part[:, :, a:a + height, b:b + width] for part, (a, b) in zip(paddle.split(y, 4, axis=1), self.PHASES)]
+        out = paddle.stack([paddle.stack(phases[:2], axis=-1), paddle.stack(phases[2:], axis=-1)], axis=3)
+        return out.reshape([shape[0], shape[1], 2 * height, 2 * width])  # [B, C, H, 2, W, 2] -> [B, C, 2H, 2W]
 
 
 def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10000):
