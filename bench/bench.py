@@ -51,10 +51,15 @@ def timed(fn, repeats, warmup=1):
 
 
 def export_graphs(folder, engine):
-    """First use of a weights folder: trace and save the CPU graphs (once; cached afterwards)."""
+    """First use of a weights folder: trace and save the CPU graphs (once; cached afterwards).
+    Prints whether they were cached already."""
+    from stable_diffusion.compiled import unet_graph_cached
     from stable_diffusion.pipeline import StableDiffusionPipeline
     from stable_diffusion.weights import load_models
-    StableDiffusionPipeline(load_models(folder), engine=engine)
+    cached = engine == "eager" or unet_graph_cached(folder)
+    if not cached:
+        StableDiffusionPipeline(load_models(folder), engine=engine)
+    print(json.dumps({"cached": cached}))
 
 
 def run_ours(folder, sizes, repeats, steps_by_size, engine):
@@ -149,11 +154,12 @@ def main():
         results = {}
         # Graphs are exported in a process of their own, so that the rows and the peak memory below
         # are those of every later run; the export is a one-off, shown on its own line.
-        from stable_diffusion.compiled import unet_graph_cached
-        cached = args.engine == "eager" or unet_graph_cached(folder)
+        # Paddle is never imported here: importing it sets OMP_NUM_THREADS=1, which the processes
+        # started below would inherit (PyTorch would then run on one core).
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--library", "export", "--weights", folder, "--engine", args.engine],
-                       check=True, capture_output=True)
+        output = subprocess.run([sys.executable, __file__, "--library", "export", "--weights", folder, "--engine",
+                                 args.engine], check=True, capture_output=True, text=True).stdout
+        cached = json.loads(output.strip().splitlines()[-1])["cached"]
         export_seconds = time.perf_counter() - start
         for library in ("diffusers", "ours"):
             command = [sys.executable, __file__, "--library", library, "--weights", folder, "--repeats",

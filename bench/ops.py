@@ -1,7 +1,11 @@
-"""Single-op timings behind bench/NOTES.md: Paddle eager (1 thread and all cores), Paddle Inference
-with oneDNN, and PyTorch, on shapes from the SD UNet at 256 px. Prints milliseconds per call (median).
+"""Single-op timings behind bench/NOTES.md: variants of one operation in Paddle (eager, or traced and run
+by Paddle Inference with oneDNN, as the CPU engine does) next to PyTorch, on shapes from SD at 256 and
+512 px. Prints milliseconds per call (median of 5 after a warm-up).
 
     .venv/bin/python bench/ops.py
+
+A Paddle Inference call also copies its input in and its output out; the `copy in and out` rows time
+a graph that only adds 1, so that cost can be told apart from the op's own.
 """
 import os
 import sys
@@ -10,61 +14,103 @@ import tempfile
 import numpy as np
 import paddle
 import paddle.nn as nn
+import paddle.nn.functional as F
 import torch
 from paddle.static import InputSpec
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench import timed  # noqa: E402
 from stable_diffusion.compiled import CompiledLayer  # noqa: E402
-from stable_diffusion.models.layers import scaled_dot_product_attention  # noqa: E402
+from stable_diffusion.models.layers import Upsample2D, scaled_dot_product_attention  # noqa: E402
 
 CORES = os.cpu_count() or 1
 
 
-def median_ms(fn, repeats=5):
-    return timed(fn, repeats) * 1000
-
-
-class Conv(nn.Layer):
-    def __init__(self):
+class Function(nn.Layer):
+    def __init__(self, fn, module=None):
         super().__init__()
-        self.conv = nn.Conv2D(320, 320, 3, padding=1)
+        self.fn, self.module = fn, module
 
     def forward(self, x):
-        return self.conv(x)
+        return self.fn(self.module, x)
 
 
-class SelfAttention(nn.Layer):
-    def forward(self, x):
-        return scaled_dot_product_attention(x, x, x, heads=8)
+class TileThenConv(Upsample2D):
+    """The upsampling this port used before the phases: every output pixel built, then the 3x3 conv."""
+
+    def forward(self, x, size=None):
+        return self.conv(paddle.tile(x.unsqueeze([3, 5]), [1, 1, 1, 2, 1, 2]).reshape(
+            [0, 0, 2 * paddle.shape(x)[2], 2 * paddle.shape(x)[3]]))
+
+
+def self_attention(chunks):
+    return lambda _, x: scaled_dot_product_attention(x, x, x, heads=8, query_chunks=chunks)
+
+
+def torch_attention(x):
+    heads = x.reshape(x.shape[0], x.shape[1], 8, -1).transpose(1, 2)
+    return torch.nn.functional.scaled_dot_product_attention(heads, heads, heads)
+
+
+def cases():
+    """(name, input shape, [(variant, paddle layer, engine)], torch callable)"""
+    conv = nn.Conv2D(320, 320, 3, padding=1)
+    torch_conv = torch.nn.Conv2d(320, 320, 3, padding=1)
+    norm = nn.GroupNorm(32, 128, epsilon=1e-6)
+    torch_norm = torch.nn.GroupNorm(32, 128, eps=1e-6)
+    upsample = Upsample2D(256)
+    tile_upsample = TileThenConv(256)
+    tile_upsample.set_state_dict(upsample.state_dict())
+    torch_upsample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                         torch.nn.Conv2d(256, 256, 3, padding=1))
+    big = (1, 128, 512, 512)
+    add_one = Function(lambda _, x: x + 1)
+    return [
+        ("conv 3x3 320->320", (2, 320, 32, 32),
+         [("eager, 1 thread", Function(lambda m, x: m(x), conv), "eager-1"),
+          ("eager, all cores", Function(lambda m, x: m(x), conv), "eager"),
+          ("inference", Function(lambda m, x: m(x), conv), "inference")], torch_conv),
+        ("self-attention, 8 heads, 512 px UNet level 0", (2, 4096, 320),
+         [("inference, all queries at once", Function(self_attention(1)), "inference"),
+          ("inference, 8 blocks of queries", Function(self_attention(8)), "inference")], torch_attention),
+        ("copy in and out", (2, 4096, 320), [("inference", add_one, "inference")], lambda x: x + 1),
+        ("SiLU", big, [("inference, F.silu", Function(lambda _, x: F.silu(x)), "inference"),
+                       ("inference, F.swish", Function(lambda _, x: F.swish(x)), "inference")],
+         torch.nn.functional.silu),
+        ("GroupNorm(32)", big, [("inference", Function(lambda m, x: m(x), norm), "inference")], torch_norm),
+        ("copy in and out", big, [("inference", add_one, "inference")], lambda x: x + 1),
+        ("nearest x2 + conv 3x3 256->256", (1, 256, 256, 256),
+         [("inference, tile then conv", Function(lambda m, x: m(x), tile_upsample), "inference"),
+          ("inference, 2x2 conv per phase", Function(lambda m, x: m(x), upsample), "inference")], torch_upsample),
+        ("copy in and out (output 4x the input)", (1, 256, 256, 256),
+         [("inference", Function(lambda _, x: paddle.tile(x, [1, 1, 2, 2]) + 1), "inference")],
+         lambda x: x.repeat(1, 1, 2, 2) + 1),
+    ]
+
+
+def paddle_ms(layer, engine, data):
+    if engine.startswith("eager"):
+        paddle.base.core.set_num_threads(1 if engine == "eager-1" else CORES)
+        x = paddle.to_tensor(data)
+        return timed(lambda: layer(x).numpy(), 5) * 1000
+    spec = [InputSpec([None] * data.ndim, "float32", "x")]
+    compiled = CompiledLayer(layer, spec, os.path.join(tempfile.mkdtemp(), "graph"), CORES)
+    return timed(lambda: compiled(data), 5) * 1000
 
 
 def main():
-    cases = [("conv 3x3 320->320, [2,320,32,32]", Conv, (2, 320, 32, 32),
-              lambda: torch.nn.Conv2d(320, 320, 3, padding=1), lambda m, x: m(x)),
-             ("self-attention 8 heads, [2,1024,320]", SelfAttention, (2, 1024, 320),
-              lambda: None, lambda m, x: torch.nn.functional.scaled_dot_product_attention(
-                  *[x.reshape(2, 1024, 8, 40).transpose(1, 2)] * 3))]
-    print(f"# {CORES} CPU cores; ms per call, median of 5")
-    print("| op | paddle eager, 1 thread | paddle eager, all cores | paddle inference + oneDNN | torch |")
-    print("|---|---|---|---|---|")
-    for name, layer_cls, shape, torch_layer, torch_call in cases:
-        data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        layer = layer_cls()
-        layer.eval()
-        x = paddle.to_tensor(data)
-        paddle.base.core.set_num_threads(1)
-        one = median_ms(lambda: layer(x).numpy())
-        paddle.base.core.set_num_threads(CORES)
-        many = median_ms(lambda: layer(x).numpy())
-        spec = [InputSpec([None] * len(shape), "float32", "x")]
-        compiled = CompiledLayer(layer, spec, os.path.join(tempfile.mkdtemp(), "graph"), CORES)
-        inference_ms = median_ms(lambda: compiled(data).numpy())
-        module = torch_layer()
-        tx = torch.from_numpy(data)
-        with torch.no_grad():
-            torch_ms = median_ms(lambda: torch_call(module, tx))
-        print(f"| {name} | {one:.1f} | {many:.1f} | {inference_ms:.1f} | {torch_ms:.1f} |")
+    torch.set_num_threads(CORES)
+    print(f"# {CORES} CPU cores; ms per call, median of 5 after a warm-up")
+    print("| op | input | variant | ms |")
+    print("|---|---|---|---|")
+    with torch.no_grad():
+        for name, shape, variants, torch_fn in cases():
+            data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            for variant, layer, engine in variants:
+                layer.eval()
+                print(f"| {name} | {list(shape)} | paddle {variant} | {paddle_ms(layer, engine, data):.1f} |", flush=True)
+            tensor = torch.from_numpy(data)
+            print(f"| {name} | {list(shape)} | torch | {timed(lambda: torch_fn(tensor), 5) * 1000:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

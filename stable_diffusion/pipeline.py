@@ -27,8 +27,17 @@ def select_device(use_gpu=True):
         paddle.set_device("gpu")
         return "gpu"
     paddle.set_device("cpu")
-    paddle.base.core.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    paddle.base.core.set_num_threads(cpu_threads())
     return "cpu"
+
+
+def cpu_threads():
+    """OMP_NUM_THREADS when set above 1, else every core this process may use. (Importing Paddle sets
+    OMP_NUM_THREADS to 1 when it is unset, so 1 cannot be told from unset.)"""
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested.isdigit() and int(requested) > 1:
+        return int(requested)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def to_uint8(images):
@@ -49,7 +58,7 @@ class StableDiffusionPipeline:
         self.unet, self.vae_decode = models.unet, models.vae.decode
         if engine == "inference":
             from stable_diffusion.compiled import compile_for_cpu
-            self.unet, self.vae_decode = compile_for_cpu(models, threads or os.cpu_count() or 1)
+            self.unet, self.vae_decode = compile_for_cpu(models, threads or cpu_threads())
 
     @property
     def latent_channels(self):

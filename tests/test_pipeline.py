@@ -132,3 +132,12 @@ def test_compiled_graphs_run_on_one_thread_whoever_calls(sd1_folder, tmp_path, m
         thread.join()
     assert len(set(ran_on)) == 1 and ran_on[0] not in callers + [threading.get_ident()]
     assert all(np.array_equal(result, expected) for result in results)
+
+
+def test_cpu_threads_ignore_the_one_thread_paddle_sets_on_import(monkeypatch):
+    import os
+    from stable_diffusion.pipeline import cpu_threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `import paddle` sets when the user left it unset
+    assert cpu_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads() == 3
