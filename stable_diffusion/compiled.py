@@ -25,10 +25,9 @@ TRACED_SOURCES = [os.path.join(os.path.dirname(__file__), "compiled.py")] + sort
 
 
 # oneDNN keeps a reordered copy of every weight per input shape and per calling thread (as large as
-# the UNet itself, 3.4 GB for SD v1.5). So every predictor runs on this one thread, whichever thread
-# asks (hub serving answers each request on a new one), and only the shapes of one image size are kept:
-# the UNet's and the VAE decoder's.
-INFERENCE_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="paddle-inference")
+# the UNet itself, 3.4 GB for SD v1.5). So each predictor runs on a thread of its own, whichever thread
+# asks (hub serving answers each request on a new one), and the cache holds two input shapes: the
+# UNet's and the VAE decoder's at one image size (bench/memory.py, bench/NOTES.md).
 CACHED_INPUT_SHAPES = 2
 
 
@@ -122,11 +121,12 @@ class CompiledLayer:
         # Handles by the InputSpec names: the predictor does not list its inputs in argument order.
         self.inputs = [self.predictor.get_input_handle(spec.name) for spec in input_spec]
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="paddle-inference")
 
     def __call__(self, *arrays):
         arrays = [np.ascontiguousarray(a.numpy() if isinstance(a, paddle.Tensor) else a, dtype=np.float32)
                   for a in arrays]
-        return paddle.to_tensor(INFERENCE_THREAD.submit(self.run, arrays).result())
+        return paddle.to_tensor(self.thread.submit(self.run, arrays).result())
 
     def run(self, arrays):
         for handle, array in zip(self.inputs, arrays):

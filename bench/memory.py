@@ -1,0 +1,65 @@
+"""Where our CPU engine's memory goes: resident memory (RSS) and its peak after each step of a session
+that loads the weights, runs the UNet and the VAE decoder at each size, then runs the UNet again from a
+new thread (as hub serving does per request).
+
+    .venv/bin/python bench/memory.py --weights /tmp/sdw --sizes 256 512
+
+--weights: a diffusers folder (bench/bench.py writes one with random full-size weights); its CPU graphs
+are exported first if they are not cached yet.
+"""
+import argparse
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def rss_mib():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS"].split()[0]) // 1024, int(status["VmHWM"].split()[0]) // 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    args = parser.parse_args()
+
+    import paddle
+    from stable_diffusion.compiled import unet_graph_cached
+    from stable_diffusion.pipeline import StableDiffusionPipeline, select_device
+    from stable_diffusion.weights import load_models
+    select_device(use_gpu=False)
+    if not unet_graph_cached(args.weights):
+        StableDiffusionPipeline(load_models(args.weights), engine="inference")
+        print("# graphs exported in a first pass; this process's peak includes that", flush=True)
+
+    print("| step | seconds | RSS (MiB) | peak RSS (MiB) |")
+    print("|---|---|---|---|")
+
+    def report(step, fn):
+        start = time.perf_counter()
+        fn()
+        print(f"| {step} | {time.perf_counter() - start:.1f} | {rss_mib()[0]} | {rss_mib()[1]} |", flush=True)
+
+    holder = {}
+    report("load (graphs cached)", lambda: holder.update(pipe=StableDiffusionPipeline(
+        load_models(args.weights, skip_weights=("unet",)), engine="inference")))
+    pipe = holder["pipe"]
+    context = pipe.encode_text(["a", ""])
+    for size in args.sizes:
+        latents = paddle.randn([2, 4, size // 8, size // 8])
+        unet = lambda: pipe.unet(latents, 500.0, context).numpy()  # noqa: E731
+        report(f"guided UNet step {size} px, first", unet)
+        report(f"guided UNet step {size} px, again", unet)
+        report(f"VAE decode {size} px", lambda: pipe.decode(latents[:1]))
+        report(f"guided UNet step {size} px, after the decode", unet)
+        thread = threading.Thread(target=lambda: report(f"guided UNet step {size} px, from a new thread", unet))
+        thread.start()
+        thread.join()
+
+
+if __name__ == "__main__":
+    main()
