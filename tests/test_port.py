@@ -95,3 +95,10 @@ def test_upsample_by_phases_matches_interpolate_then_conv(target):
     with torch.no_grad():
         expected = reference(torch.from_numpy(x), output_size=target).numpy()
     assert max_relative_error(ours(paddle.to_tensor(x), size=target).numpy(), expected) < 1e-5
+
+
+def test_attention_mask_refuses_blocks_of_queries():
+    from stable_diffusion.models.layers import scaled_dot_product_attention
+    x = paddle.zeros([1, 4, 8])
+    with pytest.raises(ValueError, match="query_chunks=1"):
+        scaled_dot_product_attention(x, x, x, heads=2, mask=paddle.zeros([1, 1, 4, 4]), query_chunks=2)

@@ -11,8 +11,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-# SiLU under its other name: Paddle Inference runs `swish` with oneDNN and `silu` with a native kernel
-# 2.4x slower (bench/NOTES.md).
+# SiLU under its other name: Paddle Inference runs `swish` with oneDNN and `silu` with a slower native
+# kernel (bench/ops.py, bench/NOTES.md).
 silu = F.swish
 
 
@@ -56,6 +56,8 @@ def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None, query_
     run from main memory; a block's scores stay in cache (bench/NOTES.md). The graph is traced once
     for every image size, so the number of blocks is fixed and their size follows Lq; the queries are
     padded to a multiple of `query_chunks` and the padded rows dropped at the end."""
+    if mask is not None and query_chunks > 1:
+        raise ValueError("a mask needs query_chunks=1")
     inner = q.shape[-1]
     dim_head = inner // heads
     length = dims(q)[1]
