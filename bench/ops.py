@@ -43,6 +43,24 @@ class TileThenConv(Upsample2D):
             [0, 0, 2 * paddle.shape(x)[2], 2 * paddle.shape(x)[3]]))
 
 
+class PhasedConv(Upsample2D):
+    """The upsampling before the transposed convolution: per output phase (row and column parity) a
+    2x2 convolution, all four as one convolution with 4x the output channels, then interleaved."""
+    PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+    PHASES = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    def forward(self, x, size=None):
+        taps = [paddle.to_tensor(t) for t in self.PHASE_TAPS]
+        kernels = [paddle.matmul(paddle.matmul(taps[a], self.conv.weight), taps[b], transpose_y=True)
+                   for a, b in self.PHASES]
+        y = F.conv2d(x, paddle.concat(kernels), paddle.concat([self.conv.bias] * 4), padding=1)
+        height, width = paddle.shape(x)[2], paddle.shape(x)[3]
+        phases = [part[:, :, a:a + height, b:b + width]
+                  for part, (a, b) in zip(paddle.split(y, 4, axis=1), self.PHASES)]
+        out = paddle.stack([paddle.stack(phases[:2], axis=-1), paddle.stack(phases[2:], axis=-1)], axis=3)
+        return out.reshape([0, 0, 2 * height, 2 * width])
+
+
 def self_attention(chunks):
     return lambda _, x: scaled_dot_product_attention(x, x, x, heads=8, query_chunks=chunks)
 
@@ -61,6 +79,8 @@ def cases():
     upsample = Upsample2D(256)
     tile_upsample = TileThenConv(256)
     tile_upsample.set_state_dict(upsample.state_dict())
+    phased_upsample = PhasedConv(256)
+    phased_upsample.set_state_dict(upsample.state_dict())
     torch_upsample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2.0, mode="nearest"),
                                          torch.nn.Conv2d(256, 256, 3, padding=1))
     big = (1, 128, 512, 512)
@@ -81,7 +101,8 @@ def cases():
         ("copy in and out", big, [("inference", doubled(), "inference")], lambda x: x + x),
         ("nearest x2 + conv 3x3 256->256", (1, 256, 256, 256),
          [("inference, tile then conv", Function(lambda m, x: m(x), tile_upsample), "inference"),
-          ("inference, 2x2 conv per phase", Function(lambda m, x: m(x), upsample), "inference")], torch_upsample),
+          ("inference, 2x2 conv per phase", Function(lambda m, x: m(x), phased_upsample), "inference"),
+          ("inference, transposed conv", Function(lambda m, x: m(x), upsample), "inference")], torch_upsample),
         ("copy in and out (output 4x the input)", (1, 256, 256, 256),
          [("inference", Function(lambda _, x: paddle.tile(x + x, [1, 1, 2, 2])), "inference")],
          lambda x: (x + x).repeat(1, 1, 2, 2)),

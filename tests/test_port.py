@@ -84,7 +84,7 @@ def test_attention_in_blocks_of_queries_matches_torch(length, query_chunks):
 
 
 @pytest.mark.parametrize("target", [None, (6, 10), (5, 9), (6, 9), (5, 10)])
-def test_upsample_by_phases_matches_interpolate_then_conv(target):
+def test_upsample_by_transposed_convolution_matches_interpolate_then_conv(target):
     from diffusers.models.resnet import Upsample2D as Reference
     from stable_diffusion.models.layers import Upsample2D
     torch.manual_seed(0)

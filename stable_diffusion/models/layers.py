@@ -119,16 +119,17 @@ class Downsample2D(nn.Layer):
 
 
 class Upsample2D(nn.Layer):
-    """Nearest-neighbour x2, then a 3x3 convolution; computed as one convolution at the input's size.
+    """Nearest-neighbour x2, then a 3x3 convolution; computed as one transposed convolution (stride 2,
+    4x4 kernel) of the input.
 
-    Through the 3x3 kernel, each of the four output pixels made from one input pixel (its phases) sees
-    only 2x2 distinct input pixels, so each phase is a 2x2 convolution whose taps are sums of the 3x3
-    taps: 2.25x fewer multiply-adds, and the upsampled input is never built (bench/NOTES.md)."""
+    Through the 3x3 kernel, each output pixel sees only 2 distinct input rows and 2 columns: 2.25x
+    fewer multiply-adds than convolving the upsampled input, which is never built (bench/NOTES.md)."""
 
-    # Output row 2i + a sees input rows (i-1, i, i) through the kernel's rows when a = 0, (i, i, i+1)
-    # when a = 1: PHASE_TAPS[a] folds the 3 rows into 2, over input rows (i-1+a, i+a). Same for columns.
-    PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
-    PHASES = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # Along one axis, output 2i sees input i-1 through tap w0 and input i through w1 + w2; output 2i+1
+    # sees input i through w0 + w1 and input i+1 through w2. A transposed convolution (stride 2,
+    # padding 1) gives output 2i input i through k[1] and input i-1 through k[3], output 2i+1 input i
+    # through k[2] and input i+1 through k[0]: k = [w2, w1 + w2, w0 + w1, w0], T @ w @ T^T per axis.
+    TRANSPOSED_TAPS = np.array([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], np.float32)
 
     def __init__(self, channels):
         super().__init__()
@@ -136,13 +137,15 @@ class Upsample2D(nn.Layer):
 
     def forward(self, x, size=None):
         """x upsampled to 2x its size, or to `size` (an odd side 2n-1 where the UNet's skip has one)."""
-        out = self.phased(x)
+        weight = self.conv.weight
+        taps = paddle.to_tensor(self.TRANSPOSED_TAPS, dtype=weight.dtype)
+        kernel = paddle.matmul(paddle.matmul(taps, weight), taps, transpose_y=True)  # [out, in, 4, 4]
+        out = F.conv2d_transpose(x, kernel.transpose([1, 0, 2, 3]), self.conv.bias, stride=2, padding=1)
         if size is None:
             return out
         # Nearest interpolation to an odd side picks the same pixels as x2 and a crop, but the last
-        # row (column) of the crop meets the kernel's zero padding where the phases assumed a copy of
-        # the last input row: the last row and column are recomputed plainly, for either parity.
-        weight = self.conv.weight
+        # row (column) of the crop meets the kernel's zero padding where the transposed kernel assumed
+        # a copy of the last input row: the last row and column are recomputed plainly, for either parity.
         last_row = self.last_row(x, size, weight)
         last_column = self.last_row(x.transpose([0, 1, 3, 2]), [size[1], size[0]], weight.transpose([0, 1, 3, 2]))
         out = paddle.concat([out[:, :, :size[0] - 1, :size[1] - 1],
@@ -158,19 +161,6 @@ class Upsample2D(nn.Layer):
         upper = odd * padded[:, :, -2:-1] + (1 - odd) * padded[:, :, -1:]
         rows = paddle.repeat_interleave(paddle.concat([upper, x[:, :, -1:]], axis=2), 2, axis=3)
         return F.conv2d(rows[:, :, :, :size[1]], weight, self.conv.bias, padding=1)[:, :, 1:2]
-
-    def phased(self, x):
-        weight = self.conv.weight
-        taps = [paddle.to_tensor(t, dtype=weight.dtype) for t in self.PHASE_TAPS]
-        kernels = [paddle.matmul(paddle.matmul(taps[a], weight), taps[b], transpose_y=True) for a, b in self.PHASES]
-        # With one pixel of padding, the 2x2 window at (r, c) covers input rows r-1 and r: phase
-        # (a, b) of input pixel (i, j) is at (i + a, j + b).
-        y = F.conv2d(x, paddle.concat(kernels), paddle.concat([self.conv.bias] * 4), padding=1)
-        shape = dims(x)
-        height, width = shape[2], shape[3]
-        phases = [part[:, :, a:a + height, b:b + width] for part, (a, b) in zip(paddle.split(y, 4, axis=1), self.PHASES)]
-        out = paddle.stack([paddle.stack(phases[:2], axis=-1), paddle.stack(phases[2:], axis=-1)], axis=3)
-        return out.reshape([shape[0], shape[1], 2 * height, 2 * width])  # [B, C, H, 2, W, 2] -> [B, C, 2H, 2W]
 
 
 def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10000):
