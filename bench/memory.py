@@ -1,6 +1,6 @@
 """Where our CPU engine's memory goes: resident memory (RSS) and its peak after each step of a session
-that loads the weights, runs the UNet and the VAE decoder at each size, then runs the UNet again from a
-new thread (as hub serving does per request).
+that loads the weights, encodes text, runs the UNet and the VAE decoder at each size, then runs the
+UNet again from a new thread (as hub serving does per request).
 
     .venv/bin/python bench/memory.py --weights /tmp/sdw --sizes 256 512
 
@@ -48,7 +48,8 @@ def main():
     report("load (graphs cached)", lambda: holder.update(pipe=StableDiffusionPipeline(
         load_models(args.weights, skip_weights=("unet",)), engine="inference")))
     pipe = holder["pipe"]
-    context = pipe.encode_text(["a", ""])
+    report("text encoding", lambda: holder.update(context=pipe.encode_text(["a", ""])))
+    context = holder["context"]
     for size in args.sizes:
         latents = paddle.randn([2, 4, size // 8, size // 8])
         unet = lambda: pipe.unet(latents, 500.0, context).numpy()  # noqa: E731

@@ -1,4 +1,4 @@
-"""The UNet and VAE decoder as Paddle Inference predictors with oneDNN, for the CPU.
+"""The text encoder, UNet and VAE decoder as Paddle Inference predictors with oneDNN, for the CPU.
 
 Eager Paddle runs convolutions about 4x slower than PyTorch on CPU; the same layers traced to a static
 graph and run by Paddle Inference with oneDNN kernels are on par (bench/NOTES.md). Tracing and saving
@@ -25,10 +25,12 @@ TRACED_SOURCES = [os.path.join(os.path.dirname(__file__), "compiled.py")] + sort
 
 
 # oneDNN keeps a reordered copy of every weight per input shape and per calling thread (as large as
-# the UNet itself, 3.4 GB for SD v1.5). So each predictor runs on a thread of its own, whichever thread
-# asks (hub serving answers each request on a new one), and the cache holds two input shapes: the
-# UNet's and the VAE decoder's at one image size (bench/memory.py, bench/NOTES.md).
-CACHED_INPUT_SHAPES = 2
+# the UNet itself, 3.4 GB for SD v1.5), for as long as the predictor lives. So each predictor runs on a
+# thread of its own, whichever thread asks (hub serving answers each request on a new one), and the
+# UNet's and VAE decoder's predictors are replaced by clones (which share the weights and start with
+# no cache) when the image size changes. Paddle's own bound, `set_mkldnn_cache_capacity`, is shared by
+# all predictors and evicts the newest shape first: the UNet and VAE decoder evicted each other's
+# copies on every step after a size change (bench/NOTES.md).
 
 
 def cache_root():
@@ -105,7 +107,10 @@ def unet_graph_cached(source):
 
 
 class CompiledLayer:
-    def __init__(self, graph, input_spec, folder, threads):
+    """A saved graph run by a Paddle Inference predictor with oneDNN. `one_shape`: keep oneDNN's caches
+    for the latest input shapes only (see above); the text encoder's inputs take two shapes at most."""
+
+    def __init__(self, graph, input_spec, folder, threads, one_shape=True):
         if not os.path.isdir(folder):
             export(graph, input_spec, folder)
         release_parameters(graph)
@@ -115,30 +120,37 @@ class CompiledLayer:
         config.disable_gpu()
         config.enable_mkldnn()
         config.set_cpu_math_library_num_threads(threads)
-        config.set_mkldnn_cache_capacity(CACHED_INPUT_SHAPES)
         config.disable_glog_info()
         self.predictor = inference.create_predictor(config)
-        # Handles by the InputSpec names: the predictor does not list its inputs in argument order.
-        self.inputs = [self.predictor.get_input_handle(spec.name) for spec in input_spec]
-        self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        # By the InputSpec names: the predictor does not list its inputs in argument order.
+        self.input_names = [spec.name for spec in input_spec]
+        self.one_shape = one_shape
+        self.shapes = None
         self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="paddle-inference")
 
     def __call__(self, *arrays):
-        arrays = [np.ascontiguousarray(a.numpy() if isinstance(a, paddle.Tensor) else a, dtype=np.float32)
-                  for a in arrays]
+        arrays = [np.ascontiguousarray(a.numpy() if isinstance(a, paddle.Tensor) else a) for a in arrays]
+        arrays = [a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a for a in arrays]
         return paddle.to_tensor(self.thread.submit(self.run, arrays).result())
 
     def run(self, arrays):
-        for handle, array in zip(self.inputs, arrays):
-            handle.copy_from_cpu(array)
+        shapes = [array.shape for array in arrays]
+        if self.one_shape and self.shapes not in (None, shapes):
+            self.predictor = self.predictor.clone()
+        self.shapes = shapes
+        for name, array in zip(self.input_names, arrays):
+            self.predictor.get_input_handle(name).copy_from_cpu(array)
         self.predictor.run()
-        return self.output.copy_to_cpu()
+        return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
 
 
 def compile_for_cpu(models, threads):
-    """(unet, vae_decode) callables backed by Paddle Inference; exported on first use per weights.
-    The eager UNet and VAE decoder give their weights up to the graphs: only their configs remain."""
+    """(text_encoder, unet, vae_decode) callables backed by Paddle Inference; exported on first use per
+    weights. The eager models give their weights up to the graphs (the VAE keeps its encoder's):
+    only their configs remain."""
     key = graph_folder(models.source)
+    text_encoder = CompiledLayer(models.text_encoder, [InputSpec([None, None], "int64", "input_ids")],
+                                 os.path.join(key, "text_encoder"), threads, one_shape=False)
     cross_dim = models.unet.config["cross_attention_dim"]
     channels = models.unet.config["in_channels"]
     time_dim = models.unet.config["block_out_channels"][0]
@@ -154,4 +166,4 @@ def compile_for_cpu(models, threads):
     latent = models.vae.config["latent_channels"]
     decode = CompiledLayer(VAEDecoderGraph(models.vae), [InputSpec([None, latent, None, None], "float32", "latents")],
                            os.path.join(key, "vae_decoder"), threads)
-    return unet, decode
+    return text_encoder, unet, decode

@@ -48,18 +48,19 @@ def to_uint8(images):
 
 
 class StableDiffusionPipeline:
-    """engine: 'eager' runs the Paddle layers as they are; 'inference' (CPU only) runs the UNet and
-    the VAE decoder as Paddle Inference graphs with oneDNN, several times faster (compiled.py)."""
+    """engine: 'eager' runs the Paddle layers as they are; 'inference' (CPU only) runs the text
+    encoder, UNet and VAE decoder as Paddle Inference graphs with oneDNN, several times faster
+    (compiled.py)."""
 
     def __init__(self, models, dtype="float32", engine="eager", threads=None):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.models = models
         self.dtype = dtype
-        self.unet, self.vae_decode = models.unet, models.vae.decode
+        self.text_encoder, self.unet, self.vae_decode = models.text_encoder, models.unet, models.vae.decode
         if engine == "inference":
             from stable_diffusion.compiled import compile_for_cpu
-            self.unet, self.vae_decode = compile_for_cpu(models, threads or cpu_threads())
+            self.text_encoder, self.unet, self.vae_decode = compile_for_cpu(models, threads or cpu_threads())
 
     @property
     def latent_channels(self):
@@ -75,7 +76,7 @@ class StableDiffusionPipeline:
     @paddle.no_grad()
     def encode_text(self, texts):
         ids = np.array([self.models.tokenizer(t) for t in texts], dtype=np.int64)
-        return self.models.text_encoder(paddle.to_tensor(ids)).astype(self.dtype)
+        return self.text_encoder(paddle.to_tensor(ids)).astype(self.dtype)
 
     @paddle.no_grad()
     def decode(self, latents):
@@ -103,9 +104,7 @@ class StableDiffusionPipeline:
         latents = paddle.to_tensor(np.asarray(latents, np.float32) * float(scheduler.init_noise_sigma))
 
         guided = guidance_scale > 1.0
-        context = self.encode_text([prompt])
-        if guided:
-            context = paddle.concat([self.encode_text([negative_prompt or ""]), context])
+        context = self.encode_text([negative_prompt or "", prompt] if guided else [prompt])
         context = context.repeat_interleave(batch_size, axis=0)
 
         frames = []

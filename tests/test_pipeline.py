@@ -70,21 +70,24 @@ def test_frames_every_display_rate_steps(pipelines):
     assert not np.array_equal(vae_frames[0][1], frames[0][1])
 
 
-def test_compiled_unet_matches_eager_and_is_cached(sd1_folder, tmp_path, monkeypatch):
+def test_compiled_models_match_eager_and_are_cached(sd1_folder, tmp_path, monkeypatch):
     import os
     import paddle
     from stable_diffusion.compiled import compile_for_cpu
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
     eager = load_models(sd1_folder)
+    ids = paddle.to_tensor(np.array([eager.tokenizer("a fox in the snow"), eager.tokenizer("")], np.int64))
     sample = paddle.randn([2, 4, 9, 7])
     context = paddle.randn([2, 77, 32])
+    expected_context = eager.text_encoder(ids).numpy()
     expected = eager.unet(sample, 321.0, context).numpy()
     expected_image = eager.vae.decode(sample).numpy()
-    unet, decode = compile_for_cpu(load_models(sd1_folder), threads=2)
-    assert np.abs(unet(sample, 321.0, context).numpy() - expected).max() <= 1e-4 * np.abs(expected).max()
-    assert np.abs(decode(sample).numpy() - expected_image).max() <= 1e-4 * np.abs(expected_image).max()
+    text_encoder, unet, decode = compile_for_cpu(load_models(sd1_folder), threads=2)
+    for got, want in [(text_encoder(ids), expected_context), (unet(sample, 321.0, context), expected),
+                      (decode(sample), expected_image)]:
+        assert np.abs(got.numpy() - want).max() <= 1e-4 * np.abs(want).max()
     (key,) = os.listdir(tmp_path)
-    assert sorted(os.listdir(tmp_path / key)) == ["unet", "vae_decoder"]
+    assert sorted(os.listdir(tmp_path / key)) == ["text_encoder", "unet", "vae_decoder"]
     compile_for_cpu(load_models(sd1_folder), threads=2)  # the second time loads the cached graphs
     assert os.listdir(tmp_path) == [key]
 
@@ -113,7 +116,7 @@ def test_compiled_graphs_run_on_one_thread_whoever_calls(sd1_folder, tmp_path, m
     import paddle
     from stable_diffusion.compiled import CompiledLayer, compile_for_cpu
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
-    unet, _ = compile_for_cpu(load_models(sd1_folder), threads=1)
+    _, unet, _ = compile_for_cpu(load_models(sd1_folder), threads=1)
     ran_on = []
     run = CompiledLayer.run
     monkeypatch.setattr(CompiledLayer, "run", lambda self, arrays: ran_on.append(threading.get_ident())
@@ -132,6 +135,26 @@ def test_compiled_graphs_run_on_one_thread_whoever_calls(sd1_folder, tmp_path, m
         thread.join()
     assert len(set(ran_on)) == 1 and ran_on[0] not in callers + [threading.get_ident()]
     assert all(np.array_equal(result, expected) for result in results)
+
+
+def test_compiled_layer_starts_a_fresh_cache_when_the_image_size_changes(sd1_folder, tmp_path, monkeypatch):
+    # oneDNN keeps a copy of the weights per input shape for the predictor's life: a new size clones it.
+    import paddle
+    from stable_diffusion.compiled import compile_for_cpu
+    monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
+    eager = load_models(sd1_folder)
+    small, large = paddle.randn([1, 4, 8, 8]), paddle.randn([1, 4, 9, 7])
+    expected_small, expected_large = eager.vae.decode(small).numpy(), eager.vae.decode(large).numpy()
+    _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
+    first = decode(small).numpy()
+    predictor = decode.predictor
+    np.testing.assert_array_equal(decode(small).numpy(), first)
+    assert decode.predictor is predictor
+    got_large = decode(large).numpy()
+    assert decode.predictor is not predictor
+    assert np.abs(got_large - expected_large).max() <= 1e-4 * np.abs(expected_large).max()
+    np.testing.assert_array_equal(decode(small).numpy(), first)
+    assert np.abs(first - expected_small).max() <= 1e-4 * np.abs(expected_small).max()
 
 
 def test_cpu_threads_ignore_the_one_thread_paddle_sets_on_import(monkeypatch):
