@@ -61,6 +61,17 @@ class PhasedConv(Upsample2D):
         return out.reshape([0, 0, 2 * height, 2 * width])
 
 
+def geglu_split(proj, x):
+    hidden, gate = proj(x).chunk(2, axis=-1)
+    return hidden * F.gelu(gate)
+
+
+def geglu_halves(proj, x):
+    inner = proj.weight.shape[1] // 2
+    return (F.linear(x, proj.weight[:, :inner], proj.bias[:inner]) *
+            F.gelu(F.linear(x, proj.weight[:, inner:], proj.bias[inner:])))
+
+
 def self_attention(chunks):
     return lambda _, x: scaled_dot_product_attention(x, x, x, heads=8, query_chunks=chunks)
 
@@ -83,6 +94,12 @@ def cases():
     phased_upsample.set_state_dict(upsample.state_dict())
     torch_upsample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2.0, mode="nearest"),
                                          torch.nn.Conv2d(256, 256, 3, padding=1))
+    proj = nn.Linear(320, 2 * 1280)
+    torch_proj = torch.nn.Linear(320, 2 * 1280)
+
+    def torch_geglu(x):
+        hidden, gate = torch_proj(x).chunk(2, dim=-1)
+        return hidden * torch.nn.functional.gelu(gate)
     big = (1, 128, 512, 512)
     doubled = lambda: Function(lambda _, x: x + x)  # noqa: E731
     return [
@@ -94,6 +111,9 @@ def cases():
          [("inference, all queries at once", Function(self_attention(1)), "inference"),
           ("inference, 8 blocks of queries", Function(self_attention(8)), "inference")], torch_attention),
         ("copy in and out", (2, 4096, 320), [("inference", doubled(), "inference")], lambda x: x + x),
+        ("GEGLU 320 -> 2x1280", (2, 4096, 320),
+         [("inference, one product split in two", Function(geglu_split, proj), "inference"),
+          ("inference, a product per half of the weight", Function(geglu_halves, proj), "inference")], torch_geglu),
         ("SiLU", big, [("inference, F.silu", Function(lambda _, x: F.silu(x)), "inference"),
                        ("inference, F.swish", Function(lambda _, x: F.swish(x)), "inference")],
          torch.nn.functional.silu),
