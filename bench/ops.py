@@ -94,7 +94,8 @@ def cases():
     phased_upsample.set_state_dict(upsample.state_dict())
     torch_upsample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2.0, mode="nearest"),
                                          torch.nn.Conv2d(256, 256, 3, padding=1))
-    proj = nn.Linear(320, 2 * 1280)
+    proj, proj_halves = nn.Linear(320, 2 * 1280), nn.Linear(320, 2 * 1280)
+    proj_halves.set_state_dict(proj.state_dict())  # a graph takes its layer's weights: one layer each
     torch_proj = torch.nn.Linear(320, 2 * 1280)
 
     def torch_geglu(x):
@@ -113,7 +114,7 @@ def cases():
         ("copy in and out", (2, 4096, 320), [("inference", doubled(), "inference")], lambda x: x + x),
         ("GEGLU 320 -> 2x1280", (2, 4096, 320),
          [("inference, one product split in two", Function(geglu_split, proj), "inference"),
-          ("inference, a product per half of the weight", Function(geglu_halves, proj), "inference")], torch_geglu),
+          ("inference, a product per half of the weight", Function(geglu_halves, proj_halves), "inference")], torch_geglu),
         ("SiLU", big, [("inference, F.silu", Function(lambda _, x: F.silu(x)), "inference"),
                        ("inference, F.swish", Function(lambda _, x: F.swish(x)), "inference")],
          torch.nn.functional.silu),
