@@ -86,6 +86,7 @@ def run_ours(folder, sizes, repeats, steps_by_size, engine, fp16):
             rows[f"guided UNet step, {size} px"] = timed(lambda: pipe.unet(latents, 500.0, context).numpy(),
                                                          repeats)
             rows[f"VAE decode, {size} px"] = timed(lambda: pipe.decode(latents[:1]), repeats)
+            rows[f"preview frame (no VAE), {size} px"] = timed(lambda: pipe.preview(latents[:1]), repeats)
         steps = steps_by_size[size]
         rows[f"whole image, {size} px, {steps} steps"] = timed(
             lambda: pipe("a photo of a cat", "", size, size, 1, steps, 7.5, "ddim", 0.0, seed=0, progress=False),
@@ -206,10 +207,12 @@ def print_table(args, results, cached, export_seconds):
     print("|" + "|".join(["-" * 46] + ["-" * 15] * len(columns) + (["-" * 16] if both else [])) + "|")
     rows = next(iter(results.values()))["rows"]
     for row in list(rows) + [memory_row]:
-        values = [result["peak_mib"] if row == memory_row else result["rows"][row] for result in results.values()]
-        cells = [f"{v:>13.0f}" if row == memory_row else f"{v:>13.3f}" for v in values]
+        values = [result["peak_mib"] if row == memory_row else result["rows"].get(row)  # diffusers has no preview
+                  for result in results.values()]
+        cells = [f"{'-':>13}" if v is None else f"{v:>13.0f}" if row == memory_row else f"{v:>13.3f}"
+                 for v in values]
         if both:
-            cells.append(f"{values[0] / values[1]:>14.2f}")
+            cells.append(f"{values[0] / values[1]:>14.2f}" if None not in values else f"{'-':>14}")
         print("| " + " | ".join([f"{row:<44}"] + cells) + " |")
 
 
