@@ -3,7 +3,7 @@ size: which operators the time goes to (oneDNN kernels are named onednn_op.*, Pa
 pd_op.onednn_to_paddle_layout is a reorder out of oneDNN's layout). Paddle prints its table when the
 process ends; the first run includes oneDNN's one-off preparation, so use several.
 
-    .venv/bin/python bench/profile.py --weights /tmp/sdw --graph vae_decoder --size 512 --runs 3
+    .venv/bin/python bench/op_profile.py --weights /tmp/sdw --graph vae_decoder --size 512 --runs 3
 
 --weights: a diffusers folder whose CPU graphs are cached (bench/bench.py or memory.py export them).
 """
