@@ -107,8 +107,9 @@ def unet_graph_cached(source):
 
 
 class CompiledLayer:
-    """A saved graph run by a Paddle Inference predictor with oneDNN. `one_shape`: keep oneDNN's caches
-    for the latest input shapes only (see above); the text encoder's inputs take two shapes at most."""
+    """A saved graph run by a Paddle Inference predictor with oneDNN. `one_shape`: when the input shapes
+    change, run a clone of the predictor, so that oneDNN's caches hold the latest shapes only (see
+    above); the text encoder's inputs take two shapes at most and keep both."""
 
     def __init__(self, graph, input_spec, folder, threads, one_shape=True):
         if not os.path.isdir(folder):
