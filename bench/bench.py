@@ -23,6 +23,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 
+def sd15_config(component):
+    """stable_diffusion/configs/<component>.json, read without importing Paddle (weights.default_config
+    would): this process must not set OMP_NUM_THREADS, and a GPU machine may have diffusers alone."""
+    with open(os.path.join(HERE, "..", "stable_diffusion", "configs", f"{component}.json")) as f:
+        return json.load(f)
+
+
 def make_weights(folder):
     """Random full-size SD v1.5 weights in the diffusers layout (what the Hub folder holds)."""
     import torch
@@ -32,14 +39,10 @@ def make_weights(folder):
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
     from reference import save_diffusers_folder
 
-    def default_config(component):  # our configs, read without importing Paddle
-        with open(os.path.join(HERE, "..", "stable_diffusion", "configs", f"{component}.json")) as f:
-            return json.load(f)
-
     torch.manual_seed(0)
-    models = {"text_encoder": CLIPTextModel(CLIPTextConfig(**default_config("text_encoder"))),
-              "unet": UNet2DConditionModel(**default_config("unet")),
-              "vae": AutoencoderKL(**default_config("vae"))}
+    models = {"text_encoder": CLIPTextModel(CLIPTextConfig(**sd15_config("text_encoder"))),
+              "unet": UNet2DConditionModel(**sd15_config("unet")),
+              "vae": AutoencoderKL(**sd15_config("vae"))}
     save_diffusers_folder(models, folder)
 
 
@@ -72,6 +75,8 @@ def run_ours(folder, sizes, repeats, steps_by_size, engine, fp16):
     from stable_diffusion.pipeline import StableDiffusionPipeline, select_device
     from stable_diffusion.weights import load_models
     device = select_device(use_gpu=True)
+    if fp16 and device == "cpu":
+        raise SystemExit("--fp16 needs a GPU: Paddle sees no CUDA device here (our CPU engine runs fp32)")
     engine = engine if device == "cpu" else "eager"
     dtype = "float16" if fp16 else "float32"
     start = time.perf_counter()

@@ -1,7 +1,8 @@
 """Paddle Inference's own per-operator profile of one of our CPU graphs, run a few times at one image
 size: which operators the time goes to (oneDNN kernels are named onednn_op.*, Paddle's own pd_op.*;
 pd_op.onednn_to_paddle_layout is a reorder out of oneDNN's layout). Paddle prints its table when the
-process ends; the first run includes oneDNN's one-off preparation, so use several.
+process ends (and writes profile.log in the current folder); the first run includes oneDNN's one-off
+preparation, so use several.
 
     .venv/bin/python bench/op_profile.py --weights /tmp/sdw --graph vae_decoder --size 512 --runs 3
 

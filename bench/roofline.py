@@ -8,7 +8,6 @@ does the same arithmetic needs here. Compare with bench.py's rows.
     .venv/bin/python bench/roofline.py --sizes 256 512
 """
 import argparse
-import json
 import os
 import statistics
 import time
@@ -16,12 +15,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "stable_diffusion", "configs")
-
-
-def config(component):
-    with open(os.path.join(CONFIGS, f"{component}.json")) as f:
-        return json.load(f)
+from bench import sd15_config
 
 
 def matmul_gflops(n=2048, repeats=5):
@@ -52,8 +46,8 @@ def main():
     args = parser.parse_args()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     torch.set_num_threads(os.cpu_count())
-    unet = UNet2DConditionModel(**config("unet")).eval()
-    vae = AutoencoderKL(**config("vae")).eval()
+    unet = UNet2DConditionModel(**sd15_config("unet")).eval()
+    vae = AutoencoderKL(**sd15_config("vae")).eval()
     # The meta device: shapes and operation counts without the arithmetic.
     unet, vae = unet.to("meta"), vae.to("meta")
     rate = matmul_gflops()
