@@ -17,6 +17,8 @@ import paddle.nn as nn
 from paddle import inference
 from paddle.static import InputSpec
 
+from stable_diffusion.mapped_weights import MappedWeights, align_tensor_data
+
 CACHE_ENV_VAR = "STABLE_DIFFUSION_CACHE"
 # The graphs are traced from this code: a change to it must not reuse graphs traced from older code.
 TRACED_SOURCES = [os.path.join(os.path.dirname(__file__), "compiled.py")] + sorted(
@@ -27,9 +29,9 @@ TRACED_SOURCES = [os.path.join(os.path.dirname(__file__), "compiled.py")] + sort
 # oneDNN keeps a reordered copy of every weight per input shape and per calling thread (as large as
 # the UNet itself, 3.4 GB for SD v1.5), for as long as the predictor lives. So each predictor runs on a
 # thread of its own, whichever thread asks (hub serving answers each request on a new one), and the
-# UNet's and VAE decoder's predictors are replaced by clones (which share the weights and start with
-# no cache) when the image size changes. Paddle's own bound, `set_mkldnn_cache_capacity`, is shared by
-# all predictors and evicts the newest shape first: the UNet and VAE decoder evicted each other's
+# UNet's and VAE decoder's predictors are replaced by new ones (empty caches, the same lent weights)
+# when the image size changes (a clone would copy the lent weights). Paddle's own bound,
+# `set_mkldnn_cache_capacity`, is shared by all predictors and evicts the newest shape first: the UNet and VAE decoder evicted each other's
 # copies on every step after a size change (bench/NOTES.md).
 
 
@@ -81,6 +83,7 @@ def export(graph, input_spec, folder):
     try:
         static = paddle.jit.to_static(graph, input_spec=input_spec, full_graph=True)
         paddle.jit.save(static, os.path.join(scratch, "model"))
+        align_tensor_data(os.path.join(scratch, "model.pdiparams"))
         try:
             os.replace(scratch, folder)
         except OSError:
@@ -108,7 +111,7 @@ def unet_graph_cached(source):
 
 class CompiledLayer:
     """A saved graph run by a Paddle Inference predictor with oneDNN. `one_shape`: when the input shapes
-    change, run a clone of the predictor, so that oneDNN's caches hold the latest shapes only (see
+    change, run a new predictor, so that oneDNN's caches hold the latest shapes only (see
     above); the text encoder's inputs take two shapes at most and keep both."""
 
     def __init__(self, graph, input_spec, folder, threads, one_shape=True):
@@ -117,17 +120,26 @@ class CompiledLayer:
         release_parameters(graph)
         program = next(os.path.join(folder, n) for n in ("model.json", "model.pdmodel")
                        if os.path.isfile(os.path.join(folder, n)))
-        config = inference.Config(program, os.path.join(folder, "model.pdiparams"))
-        config.disable_gpu()
-        config.enable_mkldnn()
-        config.set_cpu_math_library_num_threads(threads)
-        config.disable_glog_info()
-        self.predictor = inference.create_predictor(config)
+        self.program, self.threads = program, threads
+        self.weights = MappedWeights(folder, program)
+        self.predictor = self.new_predictor()
         # By the InputSpec names: the predictor does not list its inputs in argument order.
         self.input_names = [spec.name for spec in input_spec]
         self.one_shape = one_shape
-        self.shapes = None
+        self.shapes_seen = []
         self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="paddle-inference")
+
+    def new_predictor(self):
+        """A predictor with an empty oneDNN cache, its weights lent from the mapped file."""
+        config = inference.Config(self.program, os.path.join(os.path.dirname(self.program), "model.pdiparams"))
+        config.disable_gpu()
+        config.enable_mkldnn()
+        config.set_cpu_math_library_num_threads(self.threads)
+        config.disable_glog_info()
+        predictor = inference.create_predictor(config)
+        self.weights.lend_to(predictor)
+        predictor.register_output_hook(self.weights.drop_pages_while_reading)
+        return predictor
 
     def __call__(self, *arrays):
         arrays = [np.ascontiguousarray(a.numpy() if isinstance(a, paddle.Tensor) else a) for a in arrays]
@@ -136,12 +148,23 @@ class CompiledLayer:
 
     def run(self, arrays):
         shapes = [array.shape for array in arrays]
-        if self.one_shape and self.shapes not in (None, shapes):
-            self.predictor = self.predictor.clone()
-        self.shapes = shapes
+        new_shape = shapes not in self.shapes_seen
+        if new_shape:
+            if self.one_shape and self.shapes_seen:
+                # Not a clone: a clone copies the lent weights. The old predictor goes first.
+                self.predictor = None
+                self.predictor = self.new_predictor()
+                self.shapes_seen = []
+            self.shapes_seen.append(shapes)
         for name, array in zip(self.input_names, arrays):
             self.predictor.get_input_handle(name).copy_from_cpu(array)
-        self.predictor.run()
+        self.weights.reading = new_shape  # oneDNN reorders the weights on a run at a new shape
+        try:
+            self.predictor.run()
+        finally:
+            if new_shape:
+                self.weights.reading = False
+                self.weights.drop_pages()
         return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
 
 

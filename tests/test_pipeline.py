@@ -138,7 +138,7 @@ def test_compiled_graphs_run_on_one_thread_whoever_calls(sd1_folder, tmp_path, m
 
 
 def test_compiled_layer_starts_a_fresh_cache_when_the_image_size_changes(sd1_folder, tmp_path, monkeypatch):
-    # oneDNN keeps a copy of the weights per input shape for the predictor's life: a new size clones it.
+    # oneDNN keeps a copy of the weights per input shape for the predictor's life: a new size gets a new one.
     import paddle
     from stable_diffusion.compiled import compile_for_cpu
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))

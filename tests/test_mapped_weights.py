@@ -1,0 +1,63 @@
+"""The compiled graphs' weights: saved aligned, mapped from the file and lent to the predictors."""
+import os
+
+import numpy as np
+import paddle
+
+from stable_diffusion.compiled import compile_for_cpu
+from stable_diffusion.mapped_weights import ALIGNMENT, align_tensor_data, records
+from stable_diffusion.weights import load_models
+
+
+def data_offsets(path):
+    with open(path, "rb") as f:
+        return [offset for _, _, offset, _, _, _ in records(f, os.path.getsize(path))]
+
+
+def test_saved_weights_start_aligned_and_load_unchanged(tmp_path):
+    layer = paddle.nn.Sequential(paddle.nn.Conv2D(1, 7, 3), paddle.nn.Flatten(), paddle.nn.Linear(7 * 9, 5))
+    static = paddle.jit.to_static(layer, input_spec=[paddle.static.InputSpec([None, 1, 5, 5], "float32")],
+                                  full_graph=True)
+    paddle.jit.save(static, str(tmp_path / "model"))
+    path = str(tmp_path / "model.pdiparams")
+    assert any(offset % ALIGNMENT for offset in data_offsets(path))
+    align_tensor_data(path)
+    assert all(offset % ALIGNMENT == 0 for offset in data_offsets(path))
+    x = paddle.randn([2, 1, 5, 5])
+    np.testing.assert_array_equal(paddle.jit.load(str(tmp_path / "model"))(x).numpy(), layer(x).numpy())
+
+
+def test_predictors_read_their_weights_from_the_mapped_file(sd1_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
+    eager = load_models(sd1_folder)
+    latents = paddle.randn([1, 4, 8, 8])
+    expected = eager.vae.decode(latents).numpy()
+    compile_for_cpu(load_models(sd1_folder), threads=1)  # exports, and checks which weights can be lent
+    (key,) = os.listdir(tmp_path)
+    for graph in ("text_encoder", "unet", "vae_decoder"):
+        assert all(offset % ALIGNMENT == 0 for offset in data_offsets(str(tmp_path / key / graph / "model.pdiparams")))
+        assert os.path.isfile(tmp_path / key / graph / "lendable.json")
+    _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
+    lent = decode.weights.lendable(decode.predictor)
+    arrays = decode.weights.arrays  # the predictor folds the convolutions' biases into new weights
+    assert sum(arrays[name].nbytes for name in lent) >= 0.9 * sum(array.nbytes for array in arrays.values())
+    np.testing.assert_allclose(decode(latents).numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+    _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
+    for name in lent:  # the mapping is private to this process: the file keeps its values
+        decode.weights.arrays[name][...] = 0
+    assert np.abs(decode(latents).numpy() - expected).max() > 0.1 * np.abs(expected).max()
+
+
+def test_pages_read_at_a_new_input_shape_are_dropped(sd1_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
+    _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
+    drops = []
+    monkeypatch.setattr(decode.weights, "drop_pages", lambda: drops.append(decode.weights.reading))
+    decode(paddle.randn([1, 4, 8, 8]))
+    assert drops and not decode.weights.reading
+    drops.clear()
+    decode(paddle.randn([1, 4, 8, 8]))
+    assert drops == []
+    decode(paddle.randn([1, 4, 9, 7]))
+    assert drops
