@@ -17,8 +17,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def rss_mib():
+    """Resident, peak resident, and the part of resident mapped from files (libraries and the lent weights)."""
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return int(status["VmRSS"].split()[0]) // 1024, int(status["VmHWM"].split()[0]) // 1024
+    return tuple(int(status[field].split()[0]) // 1024 for field in ("VmRSS", "VmHWM", "RssFile"))
 
 
 def main():
@@ -36,13 +37,14 @@ def main():
         StableDiffusionPipeline(load_models(args.weights), engine="inference")
         print("# graphs exported in a first pass; this process's peak includes that", flush=True)
 
-    print("| step | seconds | RSS (MiB) | peak RSS (MiB) |")
-    print("|---|---|---|---|")
+    print("| step | seconds | RSS (MiB) | peak RSS (MiB) | of RSS, mapped files (MiB) |")
+    print("|---|---|---|---|---|")
 
     def report(step, fn):
         start = time.perf_counter()
         fn()
-        print(f"| {step} | {time.perf_counter() - start:.1f} | {rss_mib()[0]} | {rss_mib()[1]} |", flush=True)
+        seconds = time.perf_counter() - start
+        print(f"| {step} | {seconds:.1f} | " + " | ".join(map(str, rss_mib())) + " |", flush=True)
 
     holder = {}
     report("load (graphs cached)", lambda: holder.update(pipe=StableDiffusionPipeline(

@@ -31,8 +31,8 @@ TRACED_SOURCES = [os.path.join(os.path.dirname(__file__), "compiled.py")] + sort
 # thread of its own, whichever thread asks (hub serving answers each request on a new one), and the
 # UNet's and VAE decoder's predictors are replaced by new ones (empty caches, the same lent weights)
 # when the image size changes (a clone would copy the lent weights). Paddle's own bound,
-# `set_mkldnn_cache_capacity`, is shared by all predictors and evicts the newest shape first: the UNet and VAE decoder evicted each other's
-# copies on every step after a size change (bench/NOTES.md).
+# `set_mkldnn_cache_capacity`, is shared by all predictors and evicts the newest shape first: the UNet
+# and VAE decoder evicted each other's copies on every step after a size change (bench/NOTES.md).
 
 
 def cache_root():

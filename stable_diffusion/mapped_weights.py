@@ -145,7 +145,8 @@ class MappedWeights:
     def __init__(self, folder, program_path):
         params_path = os.path.join(folder, "model.pdiparams")
         with open(params_path, "rb") as f:
-            layout = [(offset, dtype, dims) for _, _, offset, _, dtype, dims in records(f, os.path.getsize(params_path))]
+            layout = [(offset, dtype, dims)
+                      for _, _, offset, _, dtype, dims in records(f, os.path.getsize(params_path))]
             self.mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable, never written
         # A program saved in the older format (.pdmodel) is not read here: its predictor keeps its own weights.
         names = parameter_names(program_path) if program_path.endswith(".json") else []
