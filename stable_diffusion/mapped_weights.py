@@ -177,9 +177,12 @@ class MappedWeights:
                 names.append(name)
         self.drop_pages()
         scratch = self.lendable_path + ".partial"
-        with open(scratch, "w") as f:
-            json.dump(names, f)
-        os.replace(scratch, self.lendable_path)
+        try:
+            with open(scratch, "w") as f:
+                json.dump(names, f)
+            os.replace(scratch, self.lendable_path)
+        except OSError:  # a read-only cache: check again next time
+            pass
         return names
 
     def lend_to(self, predictor):
