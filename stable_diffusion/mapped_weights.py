@@ -93,6 +93,8 @@ def records(f, size):
         desc = f.read(desc_size)
         dtype, dims = parse_tensor_desc(desc)
         nbytes = int(np.prod(dims, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
+        if f.tell() + nbytes > size:
+            raise ValueError("the file ends inside a tensor")
         yield head, desc, f.tell(), nbytes, dtype, dims
         f.seek(nbytes, os.SEEK_CUR)
 
@@ -145,8 +147,12 @@ class MappedWeights:
     def __init__(self, folder, program_path):
         params_path = os.path.join(folder, "model.pdiparams")
         with open(params_path, "rb") as f:
-            layout = [(offset, dtype, dims)
-                      for _, _, offset, _, dtype, dims in records(f, os.path.getsize(params_path))]
+            try:
+                layout = [(offset, dtype, dims)
+                          for _, _, offset, _, dtype, dims in records(f, os.path.getsize(params_path))]
+            except (ValueError, struct.error, IndexError) as error:
+                raise ValueError(f"the cached graph's weights file {params_path} is damaged ({error}): delete "
+                                 f"{folder} and it will be exported again") from error
             self.mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable, never written
         # A program saved in the older format (.pdmodel) is not read here: its predictor keeps its own weights.
         names = parameter_names(program_path) if program_path.endswith(".json") else []
