@@ -16,6 +16,36 @@ import paddle.nn.functional as F
 silu = F.swish
 
 
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm`, written differently in a traced graph (run by Paddle Inference with oneDNN).
+
+    oneDNN has no group_norm, and Paddle's own kernel needs the plain layout: every convolution after
+    it then reorders its input into oneDNN's blocked layout, into a buffer Paddle keeps per operator
+    and image size (2 GB in the VAE decoder at 512 px). Here the statistics come from global average
+    pooling, which oneDNN runs in the blocked layout, and the normalization is a per-channel scale and
+    shift, which oneDNN fuses with the swish after it: the activations never leave the blocked layout,
+    and the graph runs faster too (bench/NOTES.md section 22). The variance is E[x^2] - E[x]^2, as in
+    Paddle's CPU kernel."""
+
+    def forward(self, x):
+        if paddle.in_dynamic_mode():
+            return super().forward(x)
+        groups, channels = self._num_groups, self._num_channels
+
+        # Pooling again, not `mean`: Paddle's oneDNN check for `mean` prints a line per operator.
+        def per_group(channel_means):
+            return F.adaptive_avg_pool2d(channel_means.reshape([0, groups, channels // groups, 1]), 1)
+
+        def per_channel(group_values):
+            return group_values.expand([-1, -1, channels // groups, 1]).reshape([0, channels, 1, 1])
+
+        mean = per_group(F.adaptive_avg_pool2d(x, 1))
+        variance = F.relu(per_group(F.adaptive_avg_pool2d(x * x, 1)) - mean * mean)
+        scale = per_channel(paddle.rsqrt(variance + self._epsilon)) * self.weight.reshape([1, channels, 1, 1])
+        shift = self.bias.reshape([1, channels, 1, 1]) - per_channel(mean) * scale
+        return x * scale + shift
+
+
 class Attention(nn.Layer):
     """Multi-head attention as diffusers' `Attention`: self-attention, or cross-attention when
     `cross_attention_dim` is given. `upcast` computes the softmax in fp32 (SD 2.1 needs it in fp16).
@@ -88,10 +118,10 @@ def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None, query_
 class ResnetBlock2D(nn.Layer):
     def __init__(self, in_channels, out_channels, temb_channels=None, groups=32, eps=1e-6):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, epsilon=eps)
+        self.norm1 = GroupNorm(groups, in_channels, epsilon=eps)
         self.conv1 = nn.Conv2D(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
-        self.norm2 = nn.GroupNorm(groups, out_channels, epsilon=eps)
+        self.norm2 = GroupNorm(groups, out_channels, epsilon=eps)
         self.conv2 = nn.Conv2D(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2D(in_channels, out_channels, 1) if in_channels != out_channels else None
 

@@ -6,8 +6,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from stable_diffusion.models.layers import (Attention, Downsample2D, ResnetBlock2D, Upsample2D, dims, silu,
-                                            timestep_embedding)
+from stable_diffusion.models.layers import (Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, dims,
+                                            silu, timestep_embedding)
 
 UNET_DEFAULTS = dict(
     in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
@@ -60,7 +60,7 @@ class Transformer2DModel(nn.Layer):
     def __init__(self, channels, heads, cross_attention_dim, groups, linear_projection, upcast, query_chunks):
         super().__init__()
         self.linear_projection = linear_projection
-        self.norm = nn.GroupNorm(groups, channels, epsilon=1e-6)
+        self.norm = GroupNorm(groups, channels, epsilon=1e-6)
         if linear_projection:
             self.proj_in, self.proj_out = nn.Linear(channels, channels), nn.Linear(channels, channels)
         else:
@@ -186,7 +186,7 @@ class UNet2DConditionModel(nn.Layer):
                 upsampler=None if is_last else Upsample2D(out_ch)))
         self.up_blocks = nn.LayerList(up_blocks)
 
-        self.conv_norm_out = nn.GroupNorm(groups, channels[0], epsilon=eps)
+        self.conv_norm_out = GroupNorm(groups, channels[0], epsilon=eps)
         self.conv_out = nn.Conv2D(channels[0], cfg["out_channels"], 3, padding=1)
 
     def time_features(self, timestep):

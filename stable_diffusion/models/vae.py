@@ -2,8 +2,8 @@
 import paddle
 import paddle.nn as nn
 
-from stable_diffusion.models.layers import (Downsample2D, ResnetBlock2D, Upsample2D, dims, scaled_dot_product_attention,
-                                            silu)
+from stable_diffusion.models.layers import (Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, dims,
+                                            scaled_dot_product_attention, silu)
 
 VAE_DEFAULTS = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
@@ -17,7 +17,7 @@ class VAEAttention(nn.Layer):
 
     def __init__(self, channels, groups):
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, epsilon=1e-6)
+        self.group_norm = GroupNorm(groups, channels, epsilon=1e-6)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -73,7 +73,7 @@ class Encoder(nn.Layer):
                 downsampler=Downsample2D(out_ch, padding=0) if i < len(channels) - 1 else None))
         self.down_blocks = nn.LayerList(blocks)
         self.mid_block = VAEMidBlock(channels[-1], groups)
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], epsilon=1e-6)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], epsilon=1e-6)
         self.conv_out = nn.Conv2D(channels[-1], 2 * cfg["latent_channels"], 3, padding=1)
 
     def forward(self, x):
@@ -96,7 +96,7 @@ class Decoder(nn.Layer):
                 [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups) for j in range(lpb + 1)],
                 upsampler=Upsample2D(out_ch) if i < len(channels) - 1 else None))
         self.up_blocks = nn.LayerList(blocks)
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], epsilon=1e-6)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], epsilon=1e-6)
         self.conv_out = nn.Conv2D(channels[-1], cfg["out_channels"], 3, padding=1)
 
     def forward(self, z):
