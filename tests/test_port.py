@@ -102,3 +102,26 @@ def test_attention_mask_refuses_blocks_of_queries():
     x = paddle.zeros([1, 4, 8])
     with pytest.raises(ValueError, match="query_chunks=1"):
         scaled_dot_product_attention(x, x, x, heads=2, mask=paddle.zeros([1, 1, 4, 4]), query_chunks=2)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 9, 7), (1, 32, 48, 40)])
+def test_group_norm_in_a_traced_graph_matches_torch_without_paddles_kernel(shape, tmp_path):
+    # In a graph, GroupNorm is pooled statistics and a per-channel scale and shift, which keep
+    # oneDNN's layout (see layers.GroupNorm); Paddle's group_norm operator must not be in it.
+    from paddle.static import InputSpec
+    from stable_diffusion.compiled import CompiledLayer
+    from stable_diffusion.models.layers import GroupNorm
+    rng = np.random.default_rng(0)
+    channels = shape[1]
+    x = (rng.standard_normal(shape) * 3 + rng.standard_normal((1, channels, 1, 1)) * 2).astype(np.float32)
+    weight, bias = rng.random(channels).astype(np.float32) + 0.5, rng.random(channels).astype(np.float32) - 0.5
+    expected = torch.nn.functional.group_norm(torch.from_numpy(x), 32, torch.from_numpy(weight),
+                                              torch.from_numpy(bias), eps=1e-6).numpy()
+    norm = GroupNorm(32, channels, epsilon=1e-6)
+    norm.set_state_dict({"weight": weight, "bias": bias})
+    graph = CompiledLayer(norm, [InputSpec([None, channels, None, None], "float32", "x")], str(tmp_path / "graph"),
+                          threads=1)
+    assert max_relative_error(graph(x).numpy(), expected) < 1e-5
+    with open(graph.program) as f:
+        program = f.read()
+    assert '"1.pool2d"' in program and '"1.group_norm"' not in program
