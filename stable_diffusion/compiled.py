@@ -18,6 +18,7 @@ from paddle import inference
 from paddle.static import InputSpec
 
 from stable_diffusion.mapped_weights import MappedWeights, align_tensor_data
+from stable_diffusion.models.unet import FeedForward
 
 CACHE_ENV_VAR = "STABLE_DIFFUSION_CACHE"
 # The graphs are traced and saved by this code: a change to it must not reuse graphs saved by older code.
@@ -59,6 +60,12 @@ class UNetGraph(nn.Layer):
         super().__init__()
         self.unet = unet
 
+    def split_weights(self):
+        """Before tracing: weights the graph would slice become weights of their own."""
+        for layer in self.unet.sublayers():
+            if isinstance(layer, FeedForward):
+                layer.split_projection()
+
     def forward(self, sample, time_features, context):
         return self.unet.forward_with_time_features(sample, time_features, context)
 
@@ -81,6 +88,8 @@ def export(graph, input_spec, folder):
     os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=".partial-", dir=parent)
     try:
+        if hasattr(graph, "split_weights"):
+            graph.split_weights()
         static = paddle.jit.to_static(graph, input_spec=input_spec, full_graph=True)
         paddle.jit.save(static, os.path.join(scratch, "model"))
         align_tensor_data(os.path.join(scratch, "model.pdiparams"))
@@ -186,6 +195,8 @@ def compile_for_cpu(models, threads):
 
     def unet(sample, timestep, context):
         return graph(sample, models.unet.time_features(timestep), context)
+
+    unet.graph = graph
 
     latent = models.vae.config["latent_channels"]
     decode = CompiledLayer(VAEDecoderGraph(models.vae), [InputSpec([None, latent, None, None], "float32", "latents")],

@@ -49,6 +49,16 @@ def test_predictors_read_their_weights_from_the_mapped_file(sd1_folder, tmp_path
     assert np.abs(decode(latents).numpy() - expected).max() > 0.1 * np.abs(expected).max()
 
 
+def test_the_unet_lends_every_weight_but_the_folded_biases(sd1_folder, tmp_path, monkeypatch):
+    # GEGLU's projection is sliced in two: traced as is, the predictor would own both halves.
+    monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
+    _, unet, _ = compile_for_cpu(load_models(sd1_folder), threads=1)
+    graph = unet.graph
+    lent = set(graph.weights.lendable(graph.predictor))
+    kept = [name for name, array in graph.weights.arrays.items() if name not in lent and array.ndim > 1]
+    assert kept == []
+
+
 def test_pages_read_at_a_new_input_shape_are_dropped(sd1_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
     _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)

@@ -30,14 +30,30 @@ class FeedForward(nn.Layer):
         geglu = nn.Layer()
         geglu.proj = nn.Linear(dim, inner * 2)
         self.net = nn.LayerList([geglu, nn.Identity(), nn.Linear(inner, dim)])
+        self.halves = None
 
     def forward(self, x):
+        hidden, gate = self.project(x)
+        return self.net[2](hidden * F.gelu(gate))
+
+    def project(self, x):
         # Two products with the halves of the weight, not one product split in two: the split copies
         # the whole [B, L, 2 * inner] output (bench/NOTES.md).
+        if self.halves is not None:
+            return self.halves[0](x), self.halves[1](x)
         weight, bias, inner = self.net[0].proj.weight, self.net[0].proj.bias, self.inner
-        hidden = F.linear(x, weight[:, :inner], bias[:inner])
-        gate = F.linear(x, weight[:, inner:], bias[inner:])
-        return self.net[2](hidden * F.gelu(gate))
+        return F.linear(x, weight[:, :inner], bias[:inner]), F.linear(x, weight[:, inner:], bias[inner:])
+
+    def split_projection(self):
+        """Hold the projection's halves as weights of their own, for a traced graph: Paddle Inference
+        folds a sliced weight into a new weight that it owns, which the mapped weights file cannot
+        lend (mapped_weights.py)."""
+        proj, inner = self.net[0].proj, self.inner
+        halves = nn.LayerList([nn.Linear(proj.weight.shape[0], inner) for _ in range(2)])
+        for half, columns in zip(halves, (slice(0, inner), slice(inner, None))):
+            half.weight.set_value(proj.weight[:, columns])
+            half.bias.set_value(proj.bias[columns])
+        self.halves = halves
 
 
 class BasicTransformerBlock(nn.Layer):
