@@ -16,8 +16,15 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+def reset_peak_rss():
+    """From here on, VmHWM is the peak of this step alone (Linux: "5" to clear_refs resets it)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def rss_mib():
-    """Resident, peak resident, and the part of resident mapped from files (libraries and the lent weights)."""
+    """Resident, peak resident since the last reset, and the part of resident mapped from files (libraries
+    and the lent weights)."""
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return tuple(int(status[field].split()[0]) // 1024 for field in ("VmRSS", "VmHWM", "RssFile"))
 
@@ -37,10 +44,11 @@ def main():
         StableDiffusionPipeline(load_models(args.weights), engine="inference")
         print("# graphs exported in a first pass; this process's peak includes that", flush=True)
 
-    print("| step | seconds | RSS (MiB) | peak RSS (MiB) | of RSS, mapped files (MiB) |")
+    print("| step | seconds | RSS after (MiB) | peak RSS in the step (MiB) | of RSS, mapped files (MiB) |")
     print("|---|---|---|---|---|")
 
     def report(step, fn):
+        reset_peak_rss()
         start = time.perf_counter()
         fn()
         seconds = time.perf_counter() - start

@@ -148,11 +148,13 @@ def test_model_from_environment_variable(sd1_folder, monkeypatch):
     assert TextToImage().model_source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-def test_cached_graph_loads_without_eager_unet_weights(module, sd1_folder):
+def test_cached_graph_loads_without_eager_weights(module, sd1_folder):
     before = final_image(module.generate_image("a kite", seed=2, output_dir=None, **FAST)[0])
     fresh = TextToImage(sd1_folder)
     pipeline = fresh.pipeline(use_gpu=False, enable_fp16=False)
-    assert not any(p._is_initialized() for p in pipeline.models.unet.parameters())
+    models = pipeline.models
+    for model in (models.text_encoder, models.unet, models.vae):  # the VAE's unused encoder included
+        assert not any(p._is_initialized() for p in model.parameters())
     after = final_image(fresh.generate_image("a kite", seed=2, output_dir=None, progress=False, **FAST)[0])
     np.testing.assert_array_equal(before, after)
 

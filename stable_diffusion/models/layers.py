@@ -165,20 +165,40 @@ class Upsample2D(nn.Layer):
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2D(channels, channels, 3, padding=1)
+        self.held_kernels = None
 
-    def forward(self, x, size=None):
-        """x upsampled to 2x its size, or to `size` (an odd side 2n-1 where the UNet's skip has one)."""
+    def kernels(self):
+        """The transposed convolution's kernel [in, out, 4, 4], and the 3x3 kernel with its spatial axes
+        swapped (for the last column)."""
+        if self.held_kernels is not None:
+            return self.held_kernels[0], self.held_kernels[1]
         weight = self.conv.weight
         taps = paddle.to_tensor(self.TRANSPOSED_TAPS, dtype=weight.dtype)
         kernel = paddle.matmul(paddle.matmul(taps, weight), taps, transpose_y=True)  # [out, in, 4, 4]
-        out = F.conv2d_transpose(x, kernel.transpose([1, 0, 2, 3]), self.conv.bias, stride=2, padding=1)
+        return kernel.transpose([1, 0, 2, 3]), weight.transpose([0, 1, 3, 2])
+
+    def hold_kernels(self):
+        """Hold both kernels as weights of their own, for a traced graph: Paddle Inference folds kernels
+        computed from a weight into new weights that it owns, which the mapped weights file cannot
+        lend (0.35 GB in SD v1.5's UNet; mapped_weights.py)."""
+        held = nn.ParameterList()
+        for kernel in self.kernels():
+            parameter = self.create_parameter(kernel.shape, dtype=kernel.dtype)
+            parameter.set_value(kernel)
+            held.append(parameter)
+        self.held_kernels = held
+
+    def forward(self, x, size=None):
+        """x upsampled to 2x its size, or to `size` (an odd side 2n-1 where the UNet's skip has one)."""
+        kernel, swapped = self.kernels()
+        out = F.conv2d_transpose(x, kernel, self.conv.bias, stride=2, padding=1)
         if size is None:
             return out
         # Nearest interpolation to an odd side picks the same pixels as x2 and a crop, but the last
         # row (column) of the crop meets the kernel's zero padding where the transposed kernel assumed
         # a copy of the last input row: the last row and column are recomputed plainly, for either parity.
-        last_row = self.last_row(x, size, weight)
-        last_column = self.last_row(x.transpose([0, 1, 3, 2]), [size[1], size[0]], weight.transpose([0, 1, 3, 2]))
+        last_row = self.last_row(x, size, self.conv.weight)
+        last_column = self.last_row(x.transpose([0, 1, 3, 2]), [size[1], size[0]], swapped)
         out = paddle.concat([out[:, :, :size[0] - 1, :size[1] - 1],
                              last_column.transpose([0, 1, 3, 2])[:, :, :size[0] - 1]], axis=3)
         return paddle.concat([out, last_row], axis=2)
