@@ -17,7 +17,7 @@ import paddle.nn as nn
 from paddle import inference
 from paddle.static import InputSpec
 
-from stable_diffusion.mapped_weights import MappedWeights, align_tensor_data
+from stable_diffusion.mapped_weights import MappedWeights, align_tensor_data, release_freed_heap
 from stable_diffusion.models.layers import Upsample2D
 from stable_diffusion.models.unet import FeedForward
 
@@ -176,9 +176,11 @@ class CompiledLayer:
         try:
             self.predictor.run()
         finally:
-            if new_shape:
-                self.weights.reading = False
-                self.weights.drop_pages()
+            # Also after a run at a known shape: matmuls without a bias read their weights from the
+            # mapping on every run, and their pages should not stay resident while another graph runs.
+            self.weights.reading = False
+            self.weights.drop_pages()
+            release_freed_heap()
         return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
 
 

@@ -168,19 +168,19 @@ class Upsample2D(nn.Layer):
         self.held_kernels = None
 
     def kernels(self):
-        """The transposed convolution's kernel [in, out, 4, 4], and the 3x3 kernel with its spatial axes
-        swapped (for the last column)."""
+        """The transposed convolution's kernel [in, out, 4, 4], and the 3x3 kernel as a matrix
+        [in * 9, out] (rows: input channel, then tap row, then tap column) for the recomputed edges."""
         if self.held_kernels is not None:
             return self.held_kernels[0], self.held_kernels[1]
         weight = self.conv.weight
         taps = paddle.to_tensor(self.TRANSPOSED_TAPS, dtype=weight.dtype)
         kernel = paddle.matmul(paddle.matmul(taps, weight), taps, transpose_y=True)  # [out, in, 4, 4]
-        return kernel.transpose([1, 0, 2, 3]), weight.transpose([0, 1, 3, 2])
+        return kernel.transpose([1, 0, 2, 3]), weight.reshape([weight.shape[0], -1]).transpose([1, 0])
 
     def hold_kernels(self):
         """Hold both kernels as weights of their own, for a traced graph: Paddle Inference folds kernels
         computed from a weight into new weights that it owns, which the mapped weights file cannot
-        lend (0.35 GB in SD v1.5's UNet; mapped_weights.py)."""
+        lend (mapped_weights.py)."""
         held = nn.ParameterList()
         for kernel in self.kernels():
             parameter = self.create_parameter(kernel.shape, dtype=kernel.dtype)
@@ -190,28 +190,38 @@ class Upsample2D(nn.Layer):
 
     def forward(self, x, size=None):
         """x upsampled to 2x its size, or to `size` (an odd side 2n-1 where the UNet's skip has one)."""
-        kernel, swapped = self.kernels()
+        kernel, edge_matrix = self.kernels()
         out = F.conv2d_transpose(x, kernel, self.conv.bias, stride=2, padding=1)
         if size is None:
             return out
         # Nearest interpolation to an odd side picks the same pixels as x2 and a crop, but the last
         # row (column) of the crop meets the kernel's zero padding where the transposed kernel assumed
         # a copy of the last input row: the last row and column are recomputed plainly, for either parity.
-        last_row = self.last_row(x, size, self.conv.weight)
-        last_column = self.last_row(x.transpose([0, 1, 3, 2]), [size[1], size[0]], swapped)
+        last_row = self.last_row(x, size, edge_matrix, columns=False)
+        last_column = self.last_row(x.transpose([0, 1, 3, 2]), [size[1], size[0]], edge_matrix, columns=True)
         out = paddle.concat([out[:, :, :size[0] - 1, :size[1] - 1],
                              last_column.transpose([0, 1, 3, 2])[:, :, :size[0] - 1]], axis=3)
         return paddle.concat([out, last_row], axis=2)
 
-    def last_row(self, x, size, weight):
+    def last_row(self, x, size, edge_matrix, columns):
         """Output row size[0] - 1, the plain way: the 3x3 kernel over the two upsampled rows it sees
-        (upsampled rows size[0] - 2 and size[0] - 1, cropped to size[1] columns) and zero padding."""
+        (upsampled rows size[0] - 2 and size[0] - 1, cropped to size[1] columns) and zero padding;
+        `columns`: x and `size` are transposed, for the last column. A matmul with the kernel as a
+        matrix, not a convolution: oneDNN keeps a reordered copy of each convolution's weights, and a
+        matmul reads them where they are (0.25 GB in SD v1.5's UNet)."""
         odd = 2 * dims(x)[2] - size[0]  # 1 when the target height is odd, else 0
         odd = odd if isinstance(odd, int) else odd.astype(x.dtype)
         padded = F.pad(x, [0, 0, 1, 0])  # a zero row above: the row before the first, for 1-row inputs
         upper = odd * padded[:, :, -2:-1] + (1 - odd) * padded[:, :, -1:]
         rows = paddle.repeat_interleave(paddle.concat([upper, x[:, :, -1:]], axis=2), 2, axis=3)
-        return F.conv2d(rows[:, :, :, :size[1]], weight, self.conv.bias, padding=1)[:, :, 1:2]
+        # The 3x3 windows centred on the lower row: a zero row below, a zero column either side.
+        windows = F.unfold(F.pad(rows[:, :, :, :size[1]], [1, 1, 0, 1]), 3)  # [N, in * 9, size[1]]
+        if columns:  # tap rows and columns swap back
+            channels = self.conv.weight.shape[1]
+            windows = windows.reshape([0, channels, 3, 3, -1]).transpose([0, 1, 3, 2, 4])
+            windows = windows.reshape([0, channels * 9, -1])
+        row = paddle.matmul(windows.transpose([0, 2, 1]), edge_matrix).transpose([0, 2, 1])
+        return row.unsqueeze(2) + self.conv.bias.reshape([1, -1, 1, 1])
 
 
 def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10000):
