@@ -1,8 +1,9 @@
 """Speed and memory of this port against diffusers (PyTorch), side by side, on this machine.
 
 Builds the full-size SD v1.5 architecture (text encoder, UNet, VAE) with random weights, saves them
-once as a diffusers folder, then runs each library in its own process (so peak memory is its own),
-loading that same folder. Prints a table of medians with the ratio ours/diffusers.
+once as a diffusers folder, then loads it into each library in a process of its own (so peak memory is
+its own); the two take turns, row by row and run by run, so that the machine's drifts in speed reach
+both alike. Prints a table of medians with the ratio ours/diffusers (the median of the turns' ratios).
 
     .venv/bin/python bench/bench.py                      # 256 px rows, 512 px whole image with 2 steps
     .venv/bin/python bench/bench.py --sizes 256 --repeats 5
@@ -69,7 +70,8 @@ def export_graphs(folder, engine):
     print(json.dumps({"cached": cached}))
 
 
-def run_ours(folder, sizes, repeats, steps_by_size, engine, fp16):
+def ours_rows(folder, sizes, steps_by_size, engine, fp16):
+    """(device, seconds to load, {row: (callable, warm up first)}, peak memory in MiB as a callable)"""
     import paddle
     from stable_diffusion.compiled import unet_graph_cached
     from stable_diffusion.pipeline import StableDiffusionPipeline, select_device
@@ -82,26 +84,25 @@ def run_ours(folder, sizes, repeats, steps_by_size, engine, fp16):
     start = time.perf_counter()
     skip = ("unet",) if engine == "inference" and unet_graph_cached(folder) else ()
     pipe = StableDiffusionPipeline(load_models(folder, dtype=dtype, skip_weights=skip), dtype=dtype, engine=engine)
-    rows = {"load weights": time.perf_counter() - start}
-    rows["text encoding (2 prompts)"] = timed(lambda: pipe.encode_text(["a photo of a cat", ""]).numpy(), repeats)
+    load_seconds = time.perf_counter() - start
+    paddle.set_grad_enabled(False)
+    rows = {"text encoding (2 prompts)": (lambda: pipe.encode_text(["a photo of a cat", ""]).numpy(), True)}
     context = pipe.encode_text(["a", ""])
     for size in sizes:
         latents = paddle.randn([2, 4, size // 8, size // 8]).astype(dtype)
-        with paddle.no_grad():
-            rows[f"guided UNet step, {size} px"] = timed(lambda: pipe.unet(latents, 500.0, context).numpy(),
-                                                         repeats)
-            rows[f"VAE decode, {size} px"] = timed(lambda: pipe.decode(latents[:1]), repeats)
-            rows[f"preview frame (no VAE), {size} px"] = timed(lambda: pipe.preview(latents[:1]), repeats)
         steps = steps_by_size[size]
-        rows[f"whole image, {size} px, {steps} steps"] = timed(
-            lambda: pipe("a photo of a cat", "", size, size, 1, steps, 7.5, "ddim", 0.0, seed=0, progress=False),
-            max(1, repeats // 2), warmup=0)
+        rows.update({
+            f"guided UNet step, {size} px": (lambda latents=latents: pipe.unet(latents, 500.0, context).numpy(), True),
+            f"VAE decode, {size} px": (lambda latents=latents: pipe.decode(latents[:1]), True),
+            f"preview frame (no VAE), {size} px": (lambda latents=latents: pipe.preview(latents[:1]), True),
+            f"whole image, {size} px, {steps} steps": (lambda size=size, steps=steps: pipe(
+                "a photo of a cat", "", size, size, 1, steps, 7.5, "ddim", 0.0, seed=0, progress=False), False)})
     if device == "gpu":
-        return device, rows, paddle.device.cuda.max_memory_allocated() / 2**20
-    return device, rows, peak_rss_mib()
+        return device, load_seconds, rows, lambda: paddle.device.cuda.max_memory_allocated() / 2**20
+    return device, load_seconds, rows, peak_rss_mib
 
 
-def run_diffusers(folder, sizes, repeats, steps_by_size, engine, fp16):
+def diffusers_rows(folder, sizes, steps_by_size, engine, fp16):
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -120,27 +121,105 @@ def run_diffusers(folder, sizes, repeats, steps_by_size, engine, fp16):
         feature_extractor=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - start
-    rows = {"load weights": load_seconds}
-    with torch.no_grad():
-        rows["text encoding (2 prompts)"] = timed(lambda: pipe.encode_prompt("a photo of a cat", device, 1, True, ""),
-                                                  repeats)
-        context = torch.cat(pipe.encode_prompt("a", device, 1, True, "")[::-1])
-        for size in sizes:
-            latents = torch.randn(2, 4, size // 8, size // 8, device=device, dtype=dtype)
-            rows[f"guided UNet step, {size} px"] = timed(lambda: pipe.unet(latents, 500, context).sample.cpu(), repeats)
-            rows[f"VAE decode, {size} px"] = timed(
-                lambda: pipe.vae.decode(latents[:1] / pipe.vae.config.scaling_factor).sample.cpu(), repeats)
-            steps = steps_by_size[size]
-            rows[f"whole image, {size} px, {steps} steps"] = timed(
-                lambda: pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps,
-                             output_type="np"), max(1, repeats // 2), warmup=0)
+    torch.set_grad_enabled(False)
+    rows = {"text encoding (2 prompts)": (lambda: pipe.encode_prompt("a photo of a cat", device, 1, True, ""), True)}
+    context = torch.cat(pipe.encode_prompt("a", device, 1, True, "")[::-1])
+    for size in sizes:
+        latents = torch.randn(2, 4, size // 8, size // 8, device=device, dtype=dtype)
+        steps = steps_by_size[size]
+        rows.update({
+            f"guided UNet step, {size} px": (lambda latents=latents: pipe.unet(latents, 500, context).sample.cpu(), True),
+            f"VAE decode, {size} px": (lambda latents=latents: pipe.vae.decode(
+                latents[:1] / pipe.vae.config.scaling_factor).sample.cpu(), True),
+            f"whole image, {size} px, {steps} steps": (lambda size=size, steps=steps: pipe(
+                "a photo of a cat", height=size, width=size, num_inference_steps=steps, output_type="np"), False)})
     if device == "cuda":
-        return device, rows, torch.cuda.max_memory_allocated() / 2**20
-    return device, rows, peak_rss_mib()
+        return device, load_seconds, rows, lambda: torch.cuda.max_memory_allocated() / 2**20
+    return device, load_seconds, rows, peak_rss_mib
 
 
 def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+REPLY = "@bench "  # marks the worker's replies among whatever the libraries print
+
+
+def serve(library, args, steps_by_size):
+    """A worker: loads one library, then runs the row named on each line of stdin once and replies
+    with its seconds; "peak" replies with the peak memory so far."""
+    setup = ours_rows if library == "ours" else diffusers_rows
+    device, load_seconds, rows, peak_mib = setup(args.weights, args.sizes, steps_by_size, args.engine, args.fp16)
+
+    def reply(message):
+        print(REPLY + json.dumps(message), flush=True)
+
+    reply({"device": device, "load": load_seconds, "rows": {name: warm for name, (_, warm) in rows.items()}})
+    for line in sys.stdin:
+        name = line.strip()
+        if name == "peak":
+            reply({"peak_mib": peak_mib()})
+            continue
+        start = time.perf_counter()
+        rows[name][0]()
+        reply({"seconds": time.perf_counter() - start})
+
+
+class Worker:
+    def __init__(self, library, args):
+        command = [sys.executable, __file__, "--library", library, "--weights", args.weights, "--sizes",
+                   *map(str, args.sizes), "--steps", *map(str, args.steps), "--engine", args.engine]
+        self.process = subprocess.Popen(command + (["--fp16"] if args.fp16 else []), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self.ready = self.read()
+
+    def read(self):
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        raise SystemExit(f"a benchmark worker exited (code {self.process.wait()}); its error is above")
+
+    def ask(self, request):
+        self.process.stdin.write(request + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def interleaved(workers, repeats):
+    """Each row run by the libraries in turn, pair after pair (which goes first alternates), so that
+    the machine's changes of speed during the run reach both alike. Per row: {library: median
+    seconds}, and the median of the pairs' ratios."""
+    results = {library: {} for library in workers}
+    ratios = {}
+    rows = next(iter(workers.values())).ready["rows"]
+    for name, warm in rows.items():
+        present = {library: worker for library, worker in workers.items() if name in worker.ready["rows"]}
+        if warm:
+            for worker in present.values():
+                worker.ask(name)
+                time.sleep(PAUSE_S)
+        pairs = []
+        for repeat in range(repeats if warm else max(1, repeats // 2)):
+            order = list(present) if repeat % 2 == 0 else list(present)[::-1]
+            seconds = {}
+            for library in order:
+                seconds[library] = present[library].ask(name)["seconds"]
+                time.sleep(PAUSE_S)
+            pairs.append(seconds)
+        for library in present:
+            results[library][name] = statistics.median(pair[library] for pair in pairs)
+        if len(present) == 2:
+            ratios[name] = statistics.median(pair["ours"] / pair["diffusers"] for pair in pairs)
+    return results, ratios
+
+
+# OpenMP threads spin for a while after a parallel region: a pause keeps one library's spinning
+# threads out of the other's next run.
+PAUSE_S = 0.5
 
 
 def main():
@@ -161,17 +240,13 @@ def main():
     if args.library == "export":
         return export_graphs(args.weights, args.engine)
     if args.library:
-        runner = run_ours if args.library == "ours" else run_diffusers
-        device, rows, peak_mib = runner(args.weights, args.sizes, args.repeats, steps_by_size, args.engine, args.fp16)
-        print(json.dumps({"device": device, "rows": rows, "peak_mib": peak_mib}))
-        return
+        return serve(args.library, args, steps_by_size)
 
-    libraries = [args.only] if args.only else ["diffusers", "ours"]
+    libraries = [args.only] if args.only else ["ours", "diffusers"]
     with tempfile.TemporaryDirectory(prefix="sd-bench-") as scratch:
-        folder = args.weights or os.path.join(scratch, "weights")
         if not args.weights:
-            make_weights(folder)
-        results = {}
+            args.weights = os.path.join(scratch, "weights")
+            make_weights(args.weights)
         # Graphs are exported in a process of their own, so that the rows and the peak memory below
         # are those of every later run; the export is a one-off, shown on its own line.
         # Paddle is never imported here: importing it sets OMP_NUM_THREADS=1, which the processes
@@ -179,26 +254,30 @@ def main():
         cached, export_seconds = True, 0.0
         if "ours" in libraries:
             start = time.perf_counter()
-            output = subprocess.run([sys.executable, __file__, "--library", "export", "--weights", folder,
+            output = subprocess.run([sys.executable, __file__, "--library", "export", "--weights", args.weights,
                                      "--engine", args.engine], check=True, capture_output=True, text=True).stdout
             cached = json.loads(output.strip().splitlines()[-1])["cached"]
             export_seconds = time.perf_counter() - start
-        for library in libraries:
-            command = [sys.executable, __file__, "--library", library, "--weights", folder, "--repeats",
-                       str(args.repeats), "--sizes", *map(str, args.sizes), "--steps", *map(str, args.steps),
-                       "--engine", args.engine] + (["--fp16"] if args.fp16 else [])
-            output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-            results[library] = json.loads(output.strip().splitlines()[-1])
-    results = {library: results[library] for library in ("ours", "diffusers") if library in results}
-    print_table(args, results, cached, export_seconds)
+        # Both stay loaded, each in its own process (so peak memory is each one's own), and take turns.
+        workers = {library: Worker(library, args) for library in libraries}
+        try:
+            results, ratios = interleaved(workers, args.repeats)
+            summary = {library: {"device": worker.ready["device"], "load": worker.ready["load"],
+                                 "rows": results[library], "peak_mib": worker.ask("peak")["peak_mib"]}
+                       for library, worker in workers.items()}
+        finally:
+            for worker in workers.values():
+                worker.close()
+    print_table(args, summary, ratios, cached, export_seconds)
 
 
-def print_table(args, results, cached, export_seconds):
+def print_table(args, results, ratios, cached, export_seconds):
     devices = ", ".join(f"{library} {result['device']}" for library, result in results.items())
     print(f"# {' '.join([os.path.relpath(sys.executable), os.path.relpath(__file__)] + sys.argv[1:])}")
     print(f"# device: {devices} ({'fp16' if args.fp16 else 'fp32'}; our engine on CPU: {args.engine}); "
-          f"{os.cpu_count()} CPU cores; median of {args.repeats} after a warm-up "
-          f"(whole image: {max(1, args.repeats // 2)} runs)")
+          f"{os.cpu_count()} CPU cores; the libraries take turns, row by row: medians of {args.repeats} runs "
+          f"each after a warm-up (whole image: {max(1, args.repeats // 2)}, no warm-up); ours/diffusers is "
+          "the median of the turns' ratios")
     if "ours" in results:
         print("# ours: CPU graphs already cached" if cached else
               f"# ours, first use of these weights: {export_seconds:.0f} s to load them and export the CPU "
@@ -210,14 +289,19 @@ def print_table(args, results, cached, export_seconds):
     print("| " + " | ".join([f"{'row':<44}"] + [f"{c:>13}" for c in columns] +
                             ([f"{'ours/diffusers':>14}"] if both else [])) + " |")
     print("|" + "|".join(["-" * 46] + ["-" * 15] * len(columns) + (["-" * 16] if both else [])) + "|")
-    rows = next(iter(results.values()))["rows"]
-    for row in list(rows) + [memory_row]:
-        values = [result["peak_mib"] if row == memory_row else result["rows"].get(row)  # diffusers has no preview
-                  for result in results.values()]
+    names = ["load weights"] + list(next(iter(results.values()))["rows"]) + [memory_row]
+    for row in names:
+        if row == "load weights":
+            values = [result["load"] for result in results.values()]
+        elif row == memory_row:
+            values = [result["peak_mib"] for result in results.values()]
+        else:
+            values = [result["rows"].get(row) for result in results.values()]  # diffusers has no preview
         cells = [f"{'-':>13}" if v is None else f"{v:>13.0f}" if row == memory_row else f"{v:>13.3f}"
                  for v in values]
         if both:
-            cells.append(f"{values[0] / values[1]:>14.2f}" if None not in values else f"{'-':>14}")
+            ratio = ratios.get(row, values[0] / values[1] if None not in values else None)
+            cells.append(f"{'-':>14}" if ratio is None else f"{ratio:>14.2f}")
         print("| " + " | ".join([f"{row:<44}"] + cells) + " |")
 
 

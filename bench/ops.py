@@ -2,11 +2,12 @@
 by Paddle Inference with oneDNN, as the CPU engine does) next to PyTorch, on shapes from SD at 256 and
 512 px. Prints milliseconds per call (median of 5 after a warm-up).
 
-    .venv/bin/python bench/ops.py
+    .venv/bin/python bench/ops.py [--only "UNet upsampling"]
 
 A Paddle Inference call also copies its input in and its output out; the `copy in and out` rows time
 a graph that only adds x to itself, so that cost can be told apart from the op's own.
 """
+import argparse
 import os
 import sys
 import tempfile
@@ -61,6 +62,28 @@ class PhasedConv(Upsample2D):
         return out.reshape([0, 0, 2 * height, 2 * width])
 
 
+class ConvolvedEdges(Upsample2D):
+    """The UNet's upsampling to a given size before section 24: the last row and column recomputed by
+    3x3 convolutions over the last two upsampled rows (columns), rather than by a matmul."""
+
+    def forward(self, x, size):
+        kernel, _ = self.kernels()
+        out = F.conv2d_transpose(x, kernel, self.conv.bias, stride=2, padding=1)
+        last_row = self.convolved_row(x, size, self.conv.weight)
+        last_column = self.convolved_row(x.transpose([0, 1, 3, 2]), [size[1], size[0]],
+                                         self.conv.weight.transpose([0, 1, 3, 2]))
+        out = paddle.concat([out[:, :, :size[0] - 1, :size[1] - 1],
+                             last_column.transpose([0, 1, 3, 2])[:, :, :size[0] - 1]], axis=3)
+        return paddle.concat([out, last_row], axis=2)
+
+    def convolved_row(self, x, size, weight):
+        odd = (2 * paddle.shape(x)[2] - size[0]).astype(x.dtype)
+        padded = F.pad(x, [0, 0, 1, 0])
+        upper = odd * padded[:, :, -2:-1] + (1 - odd) * padded[:, :, -1:]
+        rows = paddle.repeat_interleave(paddle.concat([upper, x[:, :, -1:]], axis=2), 2, axis=3)
+        return F.conv2d(rows[:, :, :, :size[1]], weight, self.conv.bias, padding=1)[:, :, 1:2]
+
+
 def geglu_split(proj, x):
     hidden, gate = proj(x).chunk(2, axis=-1)
     return hidden * F.gelu(gate)
@@ -94,6 +117,11 @@ def cases():
     phased_upsample.set_state_dict(upsample.state_dict())
     torch_upsample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2.0, mode="nearest"),
                                          torch.nn.Conv2d(256, 256, 3, padding=1))
+    unet_upsample, doubling_only, convolved_edges = Upsample2D(1280), Upsample2D(1280), ConvolvedEdges(1280)
+    doubling_only.set_state_dict(unet_upsample.state_dict())  # a graph frees its layer's weights
+    convolved_edges.set_state_dict(unet_upsample.state_dict())
+    torch_unet_upsample = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                              torch.nn.Conv2d(1280, 1280, 3, padding=1))
     proj, proj_halves = nn.Linear(320, 2 * 1280), nn.Linear(320, 2 * 1280)
     proj_halves.set_state_dict(proj.state_dict())  # a graph takes its layer's weights: one layer each
     torch_proj = torch.nn.Linear(320, 2 * 1280)
@@ -124,6 +152,11 @@ def cases():
          [("inference, tile then conv", Function(lambda m, x: m(x), tile_upsample), "inference"),
           ("inference, 2x2 conv per phase", Function(lambda m, x: m(x), phased_upsample), "inference"),
           ("inference, transposed conv", Function(lambda m, x: m(x), upsample), "inference")], torch_upsample),
+        ("UNet upsampling to a given size, 1280 channels, 512 px", (2, 1280, 16, 16),
+         [("inference, x2 alone (no edges)", Function(lambda m, x: m(x), doubling_only), "inference"),
+          ("inference, edges by convolutions", Function(lambda m, x: m(x, (32, 32)), convolved_edges), "inference"),
+          ("inference, edges by a matmul", Function(lambda m, x: m(x, (32, 32)), unet_upsample), "inference")],
+         torch_unet_upsample),
         ("copy in and out (output 4x the input)", (1, 256, 256, 256),
          [("inference", Function(lambda _, x: paddle.tile(x + x, [1, 1, 2, 2])), "inference")],
          lambda x: (x + x).repeat(1, 1, 2, 2)),
@@ -141,12 +174,17 @@ def paddle_ms(layer, engine, data):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    args = parser.parse_args()
     torch.set_num_threads(CORES)
     print(f"# {CORES} CPU cores; ms per call, median of 5 after a warm-up")
     print("| op | input | variant | ms |")
     print("|---|---|---|---|")
     with torch.no_grad():
         for name, shape, variants, torch_fn in cases():
+            if args.only not in name:
+                continue
             data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
             for variant, layer, engine in variants:
                 layer.eval()
