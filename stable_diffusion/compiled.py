@@ -97,7 +97,8 @@ def export(graph, input_spec, folder):
         hold_derived_weights(graph)
         static = paddle.jit.to_static(graph, input_spec=input_spec, full_graph=True)
         paddle.jit.save(static, os.path.join(scratch, "model"))
-        align_tensor_data(os.path.join(scratch, "model.pdiparams"))
+        if os.path.isfile(os.path.join(scratch, "model.pdiparams")):  # a graph without weights has none
+            align_tensor_data(os.path.join(scratch, "model.pdiparams"))
         try:
             os.replace(scratch, folder)
         except OSError:

@@ -146,6 +146,12 @@ def release_freed_heap():
 class MappedWeights:
     def __init__(self, folder, program_path):
         params_path = os.path.join(folder, "model.pdiparams")
+        self.lendable_path = os.path.join(folder, LENDABLE_FILE)
+        self.reading = False  # set by the predictor's owner around a run at a new input shape
+        self.next_drop = 0.0
+        self.mapping, self.arrays = None, {}
+        if not os.path.isfile(params_path):  # a graph without weights (bench/ops.py times single ops)
+            return
         with open(params_path, "rb") as f:
             try:
                 layout = [(offset, dtype, dims)
@@ -162,9 +168,6 @@ class MappedWeights:
         self.arrays = {name: np.ndarray(dims, np.float32, buffer=self.mapping, offset=offset)
                        for name, (offset, dtype, dims) in zip(names, layout)
                        if dtype == FLOAT32 and offset % ALIGNMENT == 0}
-        self.lendable_path = os.path.join(folder, LENDABLE_FILE)
-        self.reading = False  # set by the predictor's owner around a run at a new input shape
-        self.next_drop = 0.0
 
     def lendable(self, predictor):
         """The weights the predictor holds unchanged, by name. Its optimization passes fold some weights
@@ -203,7 +206,8 @@ class MappedWeights:
 
     def drop_pages(self):
         """Unmap the pages read so far from this process; the file's data is unchanged."""
-        self.mapping.madvise(mmap.MADV_DONTNEED)
+        if self.mapping is not None:
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
     def drop_pages_while_reading(self, *unused_op_output):
         """A predictor's output hook (called after each operator): during a run at a new input shape,

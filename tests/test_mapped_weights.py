@@ -126,3 +126,18 @@ def test_a_damaged_cached_weights_file_says_to_delete_the_graph(sd1_folder, tmp_
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="damaged.*delete"):
         MappedWeights(str(folder), str(folder / "model.json"))
+
+
+def test_a_graph_without_weights_runs(tmp_path):
+    """bench/ops.py times single ops (attention, SiLU) as graphs that hold no weights at all."""
+    from paddle.static import InputSpec
+    from stable_diffusion.compiled import CompiledLayer
+
+    class Doubling(paddle.nn.Layer):
+        def forward(self, x):
+            return x + x
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = CompiledLayer(Doubling(), [InputSpec([None, 3], "float32", "x")], str(tmp_path / "graph"), 1)
+    assert not os.path.exists(tmp_path / "graph" / "model.pdiparams")
+    np.testing.assert_array_equal(graph(x).numpy(), 2 * x)

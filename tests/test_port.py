@@ -70,7 +70,7 @@ def test_config_values_reach_the_model(ours):
 
 
 @pytest.mark.parametrize("length", [1, 3, 63, 64])
-@pytest.mark.parametrize("query_chunks", [1, 2, 8])
+@pytest.mark.parametrize("query_chunks", [1, 2, 8, 16])
 def test_attention_in_blocks_of_queries_matches_torch(length, query_chunks):
     from stable_diffusion.models.layers import scaled_dot_product_attention
     rng = np.random.default_rng(length)

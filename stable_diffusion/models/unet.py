@@ -165,10 +165,10 @@ class UNet2DConditionModel(nn.Layer):
             return ResnetBlock2D(cin, cout, temb_dim, groups, eps)
 
         def attention(ch, n_heads, level):
-            # Self-attention in blocks of queries: 8 at full latent size, fewer where a level has 4x
-            # fewer pixels, so that a block is ~512 queries at 512 px (bench/NOTES.md).
+            # Self-attention in blocks of queries: 256 per block at full latent size at 512 px, 512 a
+            # level down (the fastest counts measured in the whole UNet: bench/NOTES.md sections 8, 25).
             return Transformer2DModel(ch, n_heads, cross_dim, groups, cfg["use_linear_projection"],
-                                      cfg["upcast_attention"], query_chunks=max(1, 8 // 4 ** level))
+                                      cfg["upcast_attention"], query_chunks={0: 16, 1: 2}.get(level, 1))
 
         self.conv_in = nn.Conv2D(cfg["in_channels"], channels[0], 3, padding=1)
         self.time_embedding = nn.Layer()
