@@ -1,0 +1,137 @@
+"""What self-attention costs inside the whole UNet graph, and how many blocks of queries to use at full
+latent size: UNet graphs that differ only there, run in one process, taking turns (bench/NOTES.md 25).
+Then diffusers' UNet with and without its attention, in a process of its own, for comparison.
+
+    .venv/bin/python bench/unet_attention.py --weights /tmp/sdw --size 512 --runs 4
+
+--weights: a diffusers folder (bench/bench.py writes random full-size ones when given none); each
+variant's graph is exported once into --graphs (a temporary folder unless given), about 2 minutes each.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+PAUSE_S = 0.5  # OpenMP threads spin for a while after a run (as in bench.py)
+
+
+def passed_through(q, k, v, heads, upcast=False, mask=None, query_chunks=1):
+    """Attention's output replaced by its queries (k enters, so the graph keeps its context input)."""
+    return q + k[:, :1] * 0
+
+
+def ours(args):
+    import paddle
+    from paddle.static import InputSpec
+    import stable_diffusion.models.layers as layers
+    from stable_diffusion.compiled import CompiledLayer, UNetGraph
+    from stable_diffusion.models.layers import Attention
+    from stable_diffusion.pipeline import cpu_threads
+    from stable_diffusion.weights import load_models
+
+    def full_size_blocks(count):
+        def apply(unet):
+            for layer in unet.sublayers():
+                if isinstance(layer, Attention) and layer.query_chunks == 16:  # level 0, see unet.py
+                    layer.query_chunks = count
+        return apply
+
+    # Applied in this order: the last one replaces attention for the graphs exported after it.
+    variants = {"16 blocks at full latent size (kept)": full_size_blocks(16),
+                "8 blocks at full latent size": full_size_blocks(8),
+                "no attention (its queries passed through)": lambda unet: setattr(
+                    layers, "scaled_dot_product_attention", passed_through)}
+    paddle.set_grad_enabled(False)
+    graphs = {}
+    for index, (name, apply) in enumerate(variants.items()):
+        folder = os.path.join(args.graphs, f"unet-{index}")
+        models = load_models(args.weights, skip_weights=("unet",) if os.path.isdir(folder) else ())
+        apply(models.unet)
+        spec = [InputSpec([None, 4, None, None], "float32", "sample"),
+                InputSpec([None, models.unet.config["block_out_channels"][0]], "float32", "time_features"),
+                InputSpec([None, None, models.unet.config["cross_attention_dim"]], "float32", "context")]
+        graphs[name] = CompiledLayer(UNetGraph(models.unet), spec, folder, cpu_threads())
+    rng = np.random.default_rng(0)
+    latent = args.size // 8
+    inputs = [rng.standard_normal(shape).astype(np.float32)
+              for shape in [(2, 4, latent, latent), (1, 320), (2, 77, 768)]]
+    for graph in graphs.values():
+        graph(*inputs)  # oneDNN's one-off preparation at this size
+    return interleaved(graphs, inputs, args.runs)
+
+
+def diffusers_unet(args):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    torch.set_grad_enabled(False)
+    unet = UNet2DConditionModel.from_pretrained(args.weights, subfolder="unet").eval()
+    latent = args.size // 8
+    inputs = [torch.randn(2, 4, latent, latent), 500, torch.randn(2, 77, 768)]
+    attention = F.scaled_dot_product_attention
+
+    def with_attention(real):
+        def run(*inputs):
+            F.scaled_dot_product_attention = attention if real else (lambda q, k, v, **kwargs: q)
+            return unet(*inputs)
+        return run
+    runs = {"diffusers": with_attention(True), "diffusers, no attention (its queries passed through)":
+            with_attention(False)}
+    for run in runs.values():
+        run(*inputs)
+    return interleaved(runs, inputs, args.runs)
+
+
+def interleaved(runs, inputs, count):
+    """Each callable in turn, the order alternating; median seconds per callable."""
+    seconds = {name: [] for name in runs}
+    for turn in range(count):
+        for name in (list(runs) if turn % 2 == 0 else list(runs)[::-1]):
+            time.sleep(PAUSE_S)
+            start = time.perf_counter()
+            runs[name](*inputs)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--graphs", help="where to export the variants' graphs (default: a temporary folder)")
+    parser.add_argument("--library", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.library:
+        results = (ours if args.library == "ours" else diffusers_unet)(args)
+        for name, value in results.items():
+            print(f"@result {value:.3f} {name}", flush=True)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="sd-attention-") as scratch:
+        args.graphs = args.graphs or scratch
+        print(f"# {' '.join([os.path.relpath(sys.executable), os.path.relpath(__file__)] + sys.argv[1:])}")
+        print(f"# guided UNet step (batch 2) at {args.size} px, {os.cpu_count()} CPU cores; median of {args.runs} "
+              "runs, the variants of each library taking turns in one process")
+        print("| UNet | s |")
+        print("|---|---|")
+        # One process per library: Paddle sets OMP_NUM_THREADS=1 on import, which PyTorch would obey.
+        for library in ("ours", "diffusers"):
+            output = subprocess.run([sys.executable, __file__, "--library", library, "--weights", args.weights,
+                                     "--size", str(args.size), "--runs", str(args.runs), "--graphs", args.graphs],
+                                    check=True, stdout=subprocess.PIPE, text=True).stdout
+            for line in output.splitlines():
+                if line.startswith("@result "):
+                    _, value, name = line.split(" ", 2)
+                    print(f"| {'ours, ' if library == 'ours' else ''}{name} | {value} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
