@@ -90,7 +90,8 @@ def diffusers_unet(args):
 
 
 def interleaved(runs, inputs, count):
-    """Each callable in turn, the order alternating; median seconds per callable."""
+    """Each callable in turn, the order alternating: per callable, the median seconds and the median of
+    the turns' ratios to the first callable's."""
     seconds = {name: [] for name in runs}
     for turn in range(count):
         for name in (list(runs) if turn % 2 == 0 else list(runs)[::-1]):
@@ -98,7 +99,9 @@ def interleaved(runs, inputs, count):
             start = time.perf_counter()
             runs[name](*inputs)
             seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    first = seconds[next(iter(runs))]
+    return {name: (statistics.median(values), statistics.median(v / f for v, f in zip(values, first)))
+            for name, values in seconds.items()}
 
 
 def main():
@@ -111,8 +114,8 @@ def main():
     args = parser.parse_args()
     if args.library:
         results = (ours if args.library == "ours" else diffusers_unet)(args)
-        for name, value in results.items():
-            print(f"@result {value:.3f} {name}", flush=True)
+        for name, (value, ratio) in results.items():
+            print(f"@result {value:.3f} {ratio:.3f} {name}", flush=True)
         return
 
     with tempfile.TemporaryDirectory(prefix="sd-attention-") as scratch:
@@ -120,8 +123,8 @@ def main():
         print(f"# {' '.join([os.path.relpath(sys.executable), os.path.relpath(__file__)] + sys.argv[1:])}")
         print(f"# guided UNet step (batch 2) at {args.size} px, {os.cpu_count()} CPU cores; median of {args.runs} "
               "runs, the variants of each library taking turns in one process")
-        print("| UNet | s |")
-        print("|---|---|")
+        print("| UNet | s | to the first row of its library |")
+        print("|---|---|---|")
         # One process per library: Paddle sets OMP_NUM_THREADS=1 on import, which PyTorch would obey.
         for library in ("ours", "diffusers"):
             output = subprocess.run([sys.executable, __file__, "--library", library, "--weights", args.weights,
@@ -129,8 +132,8 @@ def main():
                                     check=True, stdout=subprocess.PIPE, text=True).stdout
             for line in output.splitlines():
                 if line.startswith("@result "):
-                    _, value, name = line.split(" ", 2)
-                    print(f"| {'ours, ' if library == 'ours' else ''}{name} | {value} |", flush=True)
+                    _, value, ratio, name = line.split(" ", 3)
+                    print(f"| {'ours, ' if library == 'ours' else ''}{name} | {value} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
