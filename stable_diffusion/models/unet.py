@@ -165,8 +165,9 @@ class UNet2DConditionModel(nn.Layer):
             return ResnetBlock2D(cin, cout, temb_dim, groups, eps)
 
         def attention(ch, n_heads, level):
-            # Self-attention in blocks of queries: 256 per block at full latent size at 512 px, 512 a
-            # level down (the fastest counts measured in the whole UNet: bench/NOTES.md sections 8, 25).
+            # Self-attention in blocks of queries, so that a block's scores stay in cache: 16 at full
+            # latent size (256 queries each at 512 px), 2 a level down (bench/NOTES.md sections 8, 25:
+            # 8 and 32 blocks measured within this machine's noise of 16).
             return Transformer2DModel(ch, n_heads, cross_dim, groups, cfg["use_linear_projection"],
                                       cfg["upcast_attention"], query_chunks={0: 16, 1: 2}.get(level, 1))
 
