@@ -18,8 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-PAUSE_S = 0.5  # OpenMP threads spin for a while after a run (as in bench.py)
+from bench import PAUSE_S  # noqa: E402
 
 
 def passed_through(q, k, v, heads, upcast=False, mask=None, query_chunks=1):
@@ -38,9 +37,12 @@ def ours(args):
 
     def full_size_blocks(count):
         def apply(unet):
-            for layer in unet.sublayers():
-                if isinstance(layer, Attention) and layer.query_chunks == 16:  # level 0, see unet.py
-                    layer.query_chunks = count
+            full_size = [layer for layer in unet.sublayers()
+                         if isinstance(layer, Attention) and layer.query_chunks == 16]  # level 0, see unet.py
+            if not full_size:
+                raise SystemExit("no self-attention in 16 blocks: unet.py's block counts changed, update this script")
+            for layer in full_size:
+                layer.query_chunks = count
         return apply
 
     # Applied in this order: the last one replaces attention for the graphs exported after it.
