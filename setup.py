@@ -12,7 +12,7 @@ setup(
     description="Stable Diffusion v1 text-to-image in PaddlePaddle, as a PaddleHub module",
     license="Apache-2.0",
     packages=find_packages(include=["stable_diffusion", "stable_diffusion.*"]),
-    package_data={"stable_diffusion": ["configs/*.json", "clip_vocab/*", "README.md"]},
+    package_data={"stable_diffusion": ["configs/*.json", "clip_vocab/*", "kernels/*.cc", "README.md"]},
     python_requires=">=3.9",
     install_requires=requirements,
 )

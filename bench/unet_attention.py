@@ -1,6 +1,6 @@
-"""What self-attention costs inside the whole UNet graph, and how many blocks of queries to use at full
-latent size: UNet graphs that differ only there, run in one process, taking turns (bench/NOTES.md 25).
-Then diffusers' UNet with and without its attention, in a process of its own, for comparison.
+"""What self-attention costs inside the whole UNet graph, ours as one operator (cpu_attention.py) and as
+Paddle's matmuls and softmax: UNet graphs that differ only there, run in one process, taking turns
+(bench/NOTES.md 25, 26). Then diffusers' UNet with and without its attention, in a process of its own.
 
     .venv/bin/python bench/unet_attention.py --weights /tmp/sdw --size 512 --runs 4
 
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench import PAUSE_S  # noqa: E402
 
 
-def passed_through(q, k, v, heads, upcast=False, mask=None, query_chunks=1):
+def passed_through(q, k, v, heads, upcast=False, mask=None, query_chunks=1, kernel=None):
     """Attention's output replaced by its queries (k enters, so the graph keeps its context input)."""
     return q + k[:, :1] * 0
 
@@ -29,33 +29,25 @@ def passed_through(q, k, v, heads, upcast=False, mask=None, query_chunks=1):
 def ours(args):
     import paddle
     from paddle.static import InputSpec
+    import stable_diffusion.compiled as compiled
     import stable_diffusion.models.layers as layers
     from stable_diffusion.compiled import CompiledLayer, UNetGraph
-    from stable_diffusion.models.layers import Attention
     from stable_diffusion.pipeline import cpu_threads
     from stable_diffusion.weights import load_models
 
-    def full_size_blocks(count):
-        def apply(unet):
-            full_size = [layer for layer in unet.sublayers()
-                         if isinstance(layer, Attention) and layer.query_chunks == 16]  # level 0, see unet.py
-            if not full_size:
-                raise SystemExit("no self-attention in 16 blocks: unet.py's block counts changed, update this script")
-            for layer in full_size:
-                layer.query_chunks = count
-        return apply
-
-    # Applied in this order: the last one replaces attention for the graphs exported after it.
-    variants = {"16 blocks at full latent size (kept)": full_size_blocks(16),
-                "8 blocks at full latent size": full_size_blocks(8),
-                "no attention (its queries passed through)": lambda unet: setattr(
+    if compiled.attention_kernel(compiled.cache_root()) is None:
+        raise SystemExit("the attention operator could not be built here (see the warning above)")
+    # Applied in this order: each one holds for the graphs exported after it.
+    variants = {"attention as one operator (kept)": lambda: None,
+                "Paddle's matmuls and softmax": lambda: setattr(compiled, "attention_kernel", lambda root: None),
+                "no attention (its queries passed through)": lambda: setattr(
                     layers, "scaled_dot_product_attention", passed_through)}
     paddle.set_grad_enabled(False)
     graphs = {}
     for index, (name, apply) in enumerate(variants.items()):
         folder = os.path.join(args.graphs, f"unet-{index}")
         models = load_models(args.weights, skip_weights=("unet",) if os.path.isdir(folder) else ())
-        apply(models.unet)
+        apply()
         spec = [InputSpec([None, 4, None, None], "float32", "sample"),
                 InputSpec([None, models.unet.config["block_out_channels"][0]], "float32", "time_features"),
                 InputSpec([None, None, models.unet.config["cross_attention_dim"]], "float32", "context")]

@@ -17,14 +17,17 @@ import paddle.nn as nn
 from paddle import inference
 from paddle.static import InputSpec
 
+from stable_diffusion.cpu_attention import attention_kernel
 from stable_diffusion.mapped_weights import MappedWeights, align_tensor_data, release_freed_heap
-from stable_diffusion.models.layers import Upsample2D
+from stable_diffusion.models.layers import Attention, Upsample2D
 from stable_diffusion.models.unet import FeedForward
+from stable_diffusion.models.vae import VAEAttention
 
 CACHE_ENV_VAR = "STABLE_DIFFUSION_CACHE"
 # The graphs are traced and saved by this code: a change to it must not reuse graphs saved by older code.
 HERE = os.path.dirname(__file__)
-TRACED_SOURCES = [os.path.join(HERE, name) for name in ("compiled.py", "mapped_weights.py")] + sorted(
+TRACED_SOURCES = [os.path.join(HERE, name) for name in (
+    "compiled.py", "mapped_weights.py", "cpu_attention.py", os.path.join("kernels", "attention_cpu.cc"))] + sorted(
     os.path.join(HERE, "models", name) for name in os.listdir(os.path.join(HERE, "models")) if name.endswith(".py"))
 
 
@@ -46,7 +49,8 @@ def weights_fingerprint(source):
     source = os.path.abspath(source)
     paths = [source] if os.path.isfile(source) else sorted(
         os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
-    digest = hashlib.sha256(f"{paddle.__version__} {source}".encode())
+    fused = attention_kernel(cache_root()) is not None
+    digest = hashlib.sha256(f"{paddle.__version__} {source} fused attention: {fused}".encode())
     for path in TRACED_SOURCES:
         with open(path, "rb") as f:
             digest.update(f.read())
@@ -65,6 +69,14 @@ def hold_derived_weights(graph):
             layer.split_projection()
         elif isinstance(layer, Upsample2D):
             layer.hold_kernels()
+
+
+def use_attention_kernel(graph):
+    """Before tracing: attention as one operator, where it could be built (cpu_attention.py)."""
+    kernel = attention_kernel(cache_root())
+    for layer in graph.sublayers(include_self=True):
+        if isinstance(layer, (Attention, VAEAttention)):
+            layer.kernel = kernel
 
 
 class UNetGraph(nn.Layer):
@@ -95,6 +107,7 @@ def export(graph, input_spec, folder):
     scratch = tempfile.mkdtemp(prefix=".partial-", dir=parent)
     try:
         hold_derived_weights(graph)
+        use_attention_kernel(graph)
         static = paddle.jit.to_static(graph, input_spec=input_spec, full_graph=True)
         paddle.jit.save(static, os.path.join(scratch, "model"))
         if os.path.isfile(os.path.join(scratch, "model.pdiparams")):  # a graph without weights has none

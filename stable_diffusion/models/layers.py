@@ -60,6 +60,7 @@ class Attention(nn.Layer):
         self.heads = heads
         self.upcast = upcast
         self.query_chunks = query_chunks
+        self.kernel = None  # a fused attention operator, when the graph is traced for one (compiled.py)
         self.to_q = nn.Linear(query_dim, inner_dim, bias_attr=bias)
         self.to_k = nn.Linear(context_dim, inner_dim, bias_attr=bias)
         self.to_v = nn.Linear(context_dim, inner_dim, bias_attr=bias)
@@ -69,7 +70,7 @@ class Attention(nn.Layer):
         context = hidden_states if context is None else context
         q, k, v = self.to_q(hidden_states), self.to_k(context), self.to_v(context)
         return self.to_out[0](scaled_dot_product_attention(q, k, v, self.heads, self.upcast,
-                                                           query_chunks=self.query_chunks))
+                                                           query_chunks=self.query_chunks, kernel=self.kernel))
 
 
 def dims(x):
@@ -78,9 +79,10 @@ def dims(x):
     return x.shape if paddle.in_dynamic_mode() else paddle.shape(x)
 
 
-def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None, query_chunks=1):
+def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None, query_chunks=1, kernel=None):
     """q: [B, Lq, H*D], k and v: [B, Lk, H*D] -> [B, Lq, H*D]; mask ([B, 1, Lq, Lk]) is added to the
-    scores (only with query_chunks=1).
+    scores (only with query_chunks=1). `kernel(q, k, v, heads, scale)`: a fused operator that computes
+    it all (fp32, no mask: cpu_attention.py).
 
     Computed one head and one block of queries at a time: Paddle has no fused attention on CPU, and
     the whole [B, H, Lq, Lk] score tensor (1 GiB per layer for SD at 512 px) makes every pass over it
@@ -91,6 +93,8 @@ def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None, query_
         raise ValueError("a mask needs query_chunks=1")
     inner = q.shape[-1]
     dim_head = inner // heads
+    if kernel is not None and mask is None and q.dtype == paddle.float32:
+        return kernel(q, k, v, heads, dim_head ** -0.5)
     length = dims(q)[1]
     if upcast and q.dtype != paddle.float32:
         q, k = q.astype("float32"), k.astype("float32")

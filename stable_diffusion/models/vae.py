@@ -22,13 +22,14 @@ class VAEAttention(nn.Layer):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.LayerList([nn.Linear(channels, channels)])
+        self.kernel = None  # a fused attention operator, when the graph is traced for one (compiled.py)
 
     def forward(self, x):
         shape, channels = dims(x), x.shape[1]
         h = self.group_norm(x).flatten(2).transpose([0, 2, 1])
         # At latent size, like the UNet's first level: blocks of queries as there (8).
         h = scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=True,
-                                         query_chunks=8)
+                                         query_chunks=8, kernel=self.kernel)
         h = self.to_out[0](h).transpose([0, 2, 1]).reshape([shape[0], channels, shape[2], shape[3]])
         return x + h
 
