@@ -164,6 +164,10 @@ class CompiledLayer:
         config.enable_mkldnn()
         config.set_cpu_math_library_num_threads(self.threads)
         config.disable_glog_info()
+        # Linear layers stay matmuls (their bias a separate add) rather than oneDNN's fc, which keeps a
+        # reordered copy of its weights (0.8 GB for SD v1.5's UNet); a matmul reads them in the mapped
+        # file (bench/NOTES.md 27).
+        config.delete_pass("matmul_add_act_fuse_pass")
         predictor = inference.create_predictor(config)
         self.weights.lend_to(predictor)
         predictor.register_output_hook(self.weights.drop_pages_while_reading)
@@ -186,13 +190,11 @@ class CompiledLayer:
             self.shapes_seen.append(shapes)
         for name, array in zip(self.input_names, arrays):
             self.predictor.get_input_handle(name).copy_from_cpu(array)
-        self.weights.reading = new_shape  # oneDNN reorders the weights on a run at a new shape
         try:
             self.predictor.run()
         finally:
-            # Also after a run at a known shape: matmuls without a bias read their weights from the
-            # mapping on every run, and their pages should not stay resident while another graph runs.
-            self.weights.reading = False
+            # Matmuls read their weights from the mapping on every run: their pages should not stay
+            # resident while another graph runs.
             self.weights.drop_pages()
             release_freed_heap()
         return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()

@@ -147,7 +147,6 @@ class MappedWeights:
     def __init__(self, folder, program_path):
         params_path = os.path.join(folder, "model.pdiparams")
         self.lendable_path = os.path.join(folder, LENDABLE_FILE)
-        self.reading = False  # set by the predictor's owner around a run at a new input shape
         self.next_drop = 0.0
         self.mapping, self.arrays = None, {}
         if not os.path.isfile(params_path):  # a graph without weights (bench/ops.py times single ops)
@@ -210,9 +209,10 @@ class MappedWeights:
             self.mapping.madvise(mmap.MADV_DONTNEED)
 
     def drop_pages_while_reading(self, *unused_op_output):
-        """A predictor's output hook (called after each operator): during a run at a new input shape,
-        when oneDNN reads the weights, keep the pages read from piling up."""
+        """A predictor's output hook (called after each operator): oneDNN reads the weights it reorders on
+        a run at a new input shape, and matmuls read theirs on every run; keep the pages read from
+        piling up during the run."""
         now = time.monotonic()
-        if self.reading and now >= self.next_drop:
+        if now >= self.next_drop:
             self.drop_pages()
             self.next_drop = now + DROP_INTERVAL_S
