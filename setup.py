@@ -12,7 +12,8 @@ setup(
     description="Stable Diffusion v1 text-to-image in PaddlePaddle, as a PaddleHub module",
     license="Apache-2.0",
     packages=find_packages(include=["stable_diffusion", "stable_diffusion.*"]),
-    package_data={"stable_diffusion": ["configs/*.json", "clip_vocab/*", "kernels/*.cc", "README.md"]},
+    package_data={"stable_diffusion": ["loading/configs/*.json", "clip_vocab/*", "cpu/kernels/*.cc", "README.md",
+                                      "demo_model/*", "demo_model/*/*"]},
     python_requires=">=3.9",
     install_requires=requirements,
 )

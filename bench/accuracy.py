@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def ours(folder, inputs):
     import paddle
     from stable_diffusion.pipeline import StableDiffusionPipeline, select_device
-    from stable_diffusion.weights import load_models
+    from stable_diffusion.loading import load_models
     select_device(use_gpu=False)
     pipe = StableDiffusionPipeline(load_models(folder), engine="inference")
     return {"text encoder": pipe.text_encoder(paddle.to_tensor(inputs["ids"])).numpy(),

@@ -61,29 +61,23 @@ def timed(fn, repeats, warmup=1):
 def export_graphs(folder, engine):
     """First use of a weights folder: trace and save the CPU graphs (once; cached afterwards).
     Prints whether they were cached already."""
-    from stable_diffusion.compiled import unet_graph_cached
     from stable_diffusion.pipeline import StableDiffusionPipeline
-    from stable_diffusion.weights import load_models
-    cached = engine == "eager" or unet_graph_cached(folder)
+    cached = engine == "eager" or StableDiffusionPipeline.cpu_graphs_saved(folder)
     if not cached:
-        StableDiffusionPipeline(load_models(folder), engine=engine)
+        StableDiffusionPipeline.load(folder, engine=engine)
     print(json.dumps({"cached": cached}))
 
 
 def ours_rows(folder, sizes, steps_by_size, engine, fp16):
     """(device, seconds to load, {row: (callable, warm up first)}, peak memory in MiB as a callable)"""
     import paddle
-    from stable_diffusion.compiled import unet_graph_cached
     from stable_diffusion.pipeline import StableDiffusionPipeline, select_device
-    from stable_diffusion.weights import load_models
     device = select_device(use_gpu=True)
     if fp16 and device == "cpu":
         raise SystemExit("--fp16 needs a GPU: Paddle sees no CUDA device here (our CPU engine runs fp32)")
-    engine = engine if device == "cpu" else "eager"
     dtype = "float16" if fp16 else "float32"
     start = time.perf_counter()
-    skip = ("unet",) if engine == "inference" and unet_graph_cached(folder) else ()
-    pipe = StableDiffusionPipeline(load_models(folder, dtype=dtype, skip_weights=skip), dtype=dtype, engine=engine)
+    pipe = StableDiffusionPipeline.load(folder, device=device, dtype=dtype, engine=engine)
     load_seconds = time.perf_counter() - start
     paddle.set_grad_enabled(False)
     rows = {"text encoding (2 prompts)": (lambda: pipe.encode_text(["a photo of a cat", ""]).numpy(), True)}
@@ -96,7 +90,8 @@ def ours_rows(folder, sizes, steps_by_size, engine, fp16):
             f"VAE decode, {size} px": (lambda latents=latents: pipe.decode(latents[:1]), True),
             f"preview frame (no VAE), {size} px": (lambda latents=latents: pipe.preview(latents[:1]), True),
             f"whole image, {size} px, {steps} steps": (lambda size=size, steps=steps: pipe(
-                "a photo of a cat", "", size, size, 1, steps, 7.5, "ddim", 0.0, seed=0, progress=False), False)})
+                "a photo of a cat", height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+                sampler="ddim", seed=0, progress=False), False)})
     if device == "gpu":
         return device, load_seconds, rows, lambda: paddle.device.cuda.max_memory_allocated() / 2**20
     return device, load_seconds, rows, peak_rss_mib

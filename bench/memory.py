@@ -36,9 +36,9 @@ def main():
     args = parser.parse_args()
 
     import paddle
-    from stable_diffusion.compiled import unet_graph_cached
+    from stable_diffusion.cpu.compiled import unet_graph_cached
     from stable_diffusion.pipeline import StableDiffusionPipeline, select_device
-    from stable_diffusion.weights import load_models
+    from stable_diffusion.loading import load_models
     select_device(use_gpu=False)
     if not unet_graph_cached(args.weights):
         StableDiffusionPipeline(load_models(args.weights), engine="inference")

@@ -27,7 +27,7 @@ def main():
     args = parser.parse_args()
 
     from paddle import inference
-    from stable_diffusion.compiled import graph_folder
+    from stable_diffusion.cpu.compiled import graph_folder
     from stable_diffusion.pipeline import cpu_threads
     folder = os.path.join(graph_folder(args.weights), args.graph)
     if not os.path.isdir(folder):

@@ -21,7 +21,7 @@ from paddle.static import InputSpec
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench import timed  # noqa: E402
-from stable_diffusion.compiled import CompiledLayer  # noqa: E402
+from stable_diffusion.cpu.compiled import CompiledLayer  # noqa: E402
 from stable_diffusion.models.layers import Upsample2D, scaled_dot_product_attention  # noqa: E402
 
 CORES = os.cpu_count() or 1

@@ -29,11 +29,11 @@ def passed_through(q, k, v, heads, upcast=False, mask=None, query_chunks=1, kern
 def ours(args):
     import paddle
     from paddle.static import InputSpec
-    import stable_diffusion.compiled as compiled
+    import stable_diffusion.cpu.compiled as compiled
     import stable_diffusion.models.layers as layers
-    from stable_diffusion.compiled import CompiledLayer, UNetGraph
+    from stable_diffusion.cpu.compiled import CompiledLayer, UNetGraph
     from stable_diffusion.pipeline import cpu_threads
-    from stable_diffusion.weights import load_models
+    from stable_diffusion.loading import load_models
 
     if compiled.attention_kernel(compiled.cache_root()) is None:
         raise SystemExit("the attention operator could not be built here (see the warning above)")

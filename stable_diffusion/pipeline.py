@@ -1,4 +1,4 @@
-"""The sampling loop: prompts -> text embeddings -> guided denoising -> VAE decode -> uint8 images.
+"""Text to image: prompt -> text embeddings -> guided denoising -> VAE decode -> uint8 images.
 
 Randomness comes only from a per-call numpy Generator seeded by the caller, never from process-global
 state, so a seed gives the same image whether a request runs alone or beside others in a server.
@@ -9,16 +9,16 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from stable_diffusion.loading import load_models, resolve_source
 from stable_diffusion.samplers import make_sampler
 
 # Linear map from SD v1 latents to RGB: a preview at the cost of one small matmul instead of a VAE
-# decode (which costs about 1.6 guided UNet steps on CPU, bench/NOTES.md). Approximate; the final image
+# decode (which costs about 1.6 guided UNet steps on CPU, bench/NOTES.md section 6). Approximate; the final image
 # always goes through the VAE.
 LATENT_RGB_FACTORS = np.array([[0.3512, 0.2297, 0.3227],
                                [0.3250, 0.4974, 0.2350],
                                [-0.2829, 0.1762, 0.2721],
                                [-0.2120, -0.2616, -0.7177]], dtype=np.float32)
-FRAME_DECODERS = ("preview", "vae")
 ENGINES = ("inference", "eager")
 
 
@@ -48,27 +48,52 @@ def to_uint8(images):
 
 
 class StableDiffusionPipeline:
-    """engine: 'eager' runs the Paddle layers as they are; 'inference' (CPU only) runs the text
-    encoder, UNet and VAE decoder as Paddle Inference graphs with oneDNN, several times faster
-    (compiled.py)."""
+    """Text to image in four phases, each callable alone: `encode_prompt` -> `prepare_latents` ->
+    `denoise` -> `decode`; `__call__` runs them in turn and takes precomputed prompt embeddings.
 
-    def __init__(self, models, dtype="float32", engine="eager", threads=None):
+    engine: 'eager' runs the Paddle layers as they are; 'inference' (CPU only) runs the text encoder,
+    UNet and VAE decoder as Paddle Inference graphs with oneDNN, several times faster (cpu/)."""
+
+    def __init__(self, models, dtype="float32", engine="eager"):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.models = models
         self.dtype = dtype
-        self.text_encoder, self.unet, self.vae_decode = models.text_encoder, models.unet, models.vae.decode
+        self.text_encoder, self.unet = models.text_encoder, models.unet
+        self.vae_encode, self.vae_decode = models.vae.encode, models.vae.decode
         if engine == "inference":
-            from stable_diffusion.compiled import compile_for_cpu
-            self.text_encoder, self.unet, self.vae_decode = compile_for_cpu(models, threads or cpu_threads())
+            from stable_diffusion.cpu.compiled import compile_for_cpu
+            self.text_encoder, self.unet, self.vae_encode, self.vae_decode = compile_for_cpu(models, cpu_threads())
+
+    @classmethod
+    def load(cls, source=None, *, device="cpu", dtype="float32", engine="inference", variant=None):
+        """The pipeline for weights at `source` (see loading/) on `device` ('cpu' or 'gpu'); `engine`
+        applies on the CPU, the GPU runs eagerly. With the UNet's CPU graph already saved, its eager
+        weights are never read."""
+        engine = engine if device == "cpu" else "eager"
+        path = resolve_source(source, variant)
+        skip = ("unet",) if engine == "inference" and cls.cpu_graphs_saved(path) else ()
+        return cls(load_models(path, dtype=dtype, variant=variant, skip_weights=skip), dtype, engine)
+
+    @staticmethod
+    def cpu_graphs_saved(path):
+        """Whether the CPU engine's graphs for the weights at `path` are saved already."""
+        from stable_diffusion.cpu.compiled import unet_graph_cached
+        return unet_graph_cached(path)
 
     @property
     def latent_channels(self):
-        return self.models.unet.config["in_channels"]
+        return self.models.vae.config["latent_channels"]
 
     @property
     def vae_factor(self):
         return self.models.vae.downsampling_factor
+
+    @property
+    def native_size(self):
+        """(width, height) the UNet was trained at, as diffusers' default: sample_size x VAE factor."""
+        side = self.models.unet.config.get("sample_size", 64) * self.vae_factor
+        return side, side
 
     def latent_shape(self, batch_size, height, width):
         return (batch_size, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
@@ -78,9 +103,49 @@ class StableDiffusionPipeline:
         ids = np.array([self.models.tokenizer(t) for t in texts], dtype=np.int64)
         return self.text_encoder(paddle.to_tensor(ids)).astype(self.dtype)
 
+    def encode_prompt(self, prompt, negative_prompt="", guided=True):
+        """-> (prompt embeddings [1, 77, D], negative prompt embeddings or None when not guided)."""
+        if not guided:
+            return self.encode_text([prompt]), None
+        negative, positive = self.encode_text([negative_prompt or "", prompt]).chunk(2)
+        return positive, negative
+
+    def prepare_latents(self, shape, sampler, rng, latents=None):
+        """Unit noise from `rng` (or the caller's `latents`), scaled to the sampler's first step."""
+        if latents is None:
+            latents = rng.standard_normal(shape, dtype=np.float32)
+        return paddle.to_tensor(np.asarray(latents, np.float32) * float(sampler.init_noise_sigma))
+
+    @paddle.no_grad()
+    def denoise(self, latents, prompt_embeds, negative_prompt_embeds, sampler, guidance_scale, rng,
+                display_rate=0, frame_decoder="preview", progress=True):
+        """The sampling loop; guided when negative_prompt_embeds is given. Returns (latents, frames:
+        list of (step, uint8 images)), a frame every `display_rate` steps before the last."""
+        batch_size = latents.shape[0]
+        guided = negative_prompt_embeds is not None
+        context = paddle.concat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+        context = context.astype(self.dtype).repeat_interleave(batch_size, axis=0)
+        frames = []
+        steps = sampler.timesteps
+        for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling")):
+            model_input = sampler.scale_model_input(latents, i)
+            if guided:
+                model_input = paddle.concat([model_input, model_input])
+            noise_pred = self.unet(model_input.astype(self.dtype), float(t), context).astype("float32")
+            if guided:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            noise = None
+            if sampler.needs_noise:
+                noise = paddle.to_tensor(rng.standard_normal(latents.shape, dtype=np.float32))
+            latents = sampler.step(noise_pred, i, latents, noise)
+            if display_rate and (i + 1) % display_rate == 0 and i + 1 < len(steps):
+                frames.append((i + 1, self.decode(latents) if frame_decoder == "vae" else self.preview(latents)))
+        return latents, frames
+
     @paddle.no_grad()
     def decode(self, latents):
-        # The VAE stays in fp32: SD's decoder overflows in fp16.
+        """Latents -> uint8 images [B, H, W, 3]. The VAE stays in fp32: SD's decoder overflows in fp16."""
         images = self.vae_decode(latents.astype("float32") / self.models.vae.scaling_factor)
         return to_uint8(images.numpy())
 
@@ -91,38 +156,26 @@ class StableDiffusionPipeline:
         rgb = rgb.repeat(self.vae_factor, axis=2).repeat(self.vae_factor, axis=3)
         return to_uint8(rgb)
 
-    @paddle.no_grad()
-    def __call__(self, prompt, negative_prompt="", height=512, width=512, batch_size=1,
+    def __call__(self, prompt=None, *, negative_prompt="", height=512, width=512, batch_size=1,
                  num_inference_steps=50, guidance_scale=7.5, sampler="plms", eta=0.0, seed=0,
-                 latents=None, display_rate=0, frame_decoder="preview", progress=True):
-        """Returns (final uint8 images [B, H, W, 3], frames: list of (step, uint8 images))."""
+                 latents=None, display_rate=0, frame_decoder="preview", progress=True,
+                 prompt_embeds=None, negative_prompt_embeds=None):
+        """Returns (final uint8 images [B, H, W, 3], frames: list of (step, uint8 images)), the final
+        images last. `prompt_embeds` / `negative_prompt_embeds` ([1, L, D]) stand in for the texts.
+        Randomness comes from `seed` alone: the initial noise, then each step's noise."""
         rng = np.random.default_rng(seed)
         scheduler = make_sampler(sampler, self.models.scheduler_config, num_inference_steps, eta)
-        shape = self.latent_shape(batch_size, height, width)
-        if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
-        latents = paddle.to_tensor(np.asarray(latents, np.float32) * float(scheduler.init_noise_sigma))
-
+        latents = self.prepare_latents(self.latent_shape(batch_size, height, width), scheduler, rng, latents)
         guided = guidance_scale > 1.0
-        context = self.encode_text([negative_prompt or "", prompt] if guided else [prompt])
-        context = context.repeat_interleave(batch_size, axis=0)
-
-        frames = []
-        steps = scheduler.timesteps
-        for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling")):
-            model_input = scheduler.scale_model_input(latents, i)
-            if guided:
-                model_input = paddle.concat([model_input, model_input])
-            noise_pred = self.unet(model_input.astype(self.dtype), float(t), context).astype("float32")
-            if guided:
-                uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (cond - uncond)
-            noise = None
-            if getattr(scheduler, "needs_noise", False):
-                noise = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
-            latents = scheduler.step(noise_pred, i, latents, noise)
-            if display_rate and (i + 1) % display_rate == 0 and i + 1 < len(steps):
-                frames.append((i + 1, self.decode(latents) if frame_decoder == "vae" else self.preview(latents)))
+        if prompt_embeds is None:
+            prompt_embeds, encoded_negative = self.encode_prompt(prompt, negative_prompt, guided)
+            negative_prompt_embeds = negative_prompt_embeds if negative_prompt_embeds is not None else encoded_negative
+        elif guided and negative_prompt_embeds is None:
+            negative_prompt_embeds = self.encode_text([negative_prompt or ""])
+        if not guided:
+            negative_prompt_embeds = None
+        latents, frames = self.denoise(latents, prompt_embeds, negative_prompt_embeds, scheduler, guidance_scale,
+                                       rng, display_rate, frame_decoder, progress)
         images = self.decode(latents)
-        frames.append((len(steps), images))
+        frames.append((len(scheduler.timesteps), images))
         return images, frames

@@ -30,16 +30,15 @@ def alphas_cumprod(config):
     return np.cumprod(1.0 - betas.astype(np.float64)).astype(np.float32)
 
 
-def discrete_timesteps(config, steps, spacing, count=None):
-    """`count` timesteps (default `steps`), descending, spaced as diffusers' `timestep_spacing`."""
+def discrete_timesteps(config, steps, spacing):
+    """`steps` timesteps, descending, spaced as diffusers' `timestep_spacing`."""
     n = config.get("num_train_timesteps", 1000)
-    count = count or steps
     if spacing == "leading":
-        return (np.arange(0, count) * (n // steps)).round()[::-1] + config.get("steps_offset", 0)
+        return (np.arange(0, steps) * (n // steps)).round()[::-1] + config.get("steps_offset", 0)
     if spacing == "trailing":
         return np.arange(n, 0, -n / steps).round() - 1
     if spacing == "linspace":
-        return np.linspace(0, n - 1, count)[::-1]
+        return np.linspace(0, n - 1, steps)[::-1]
     raise ValueError(f"timestep_spacing {spacing!r} is not supported")
 
 
@@ -53,22 +52,41 @@ def x0_and_epsilon(model_output, sample, alpha_prod, prediction_type):
     raise ValueError(f"prediction_type {prediction_type!r} is not supported")
 
 
-class PLMS:
+class Sampler:
+    """What every sampler shares. `timesteps[i]` is the UNet's timestep at step i; `step(model_output,
+    i, sample, noise)` is the update rule; `noise` is drawn by the caller when `needs_noise`.
+
+    `init_noise_sigma` scales unit noise into the first sample; `scale_model_input` what the UNet is
+    given at step i; `add_noise(x0, noise, i)` noises a clean sample to step i's level (image-to-image
+    starts there). The alpha-based samplers (PLMS, DDIM) noise by the cumulative alpha of timestep i;
+    the sigma-based ones override it."""
+    init_noise_sigma = 1.0
+    needs_noise = False
+
+    def __init__(self, config):
+        self.alphas_cumprod = alphas_cumprod(config)
+        self.prediction_type = config.get("prediction_type", "epsilon")
+
+    def scale_model_input(self, sample, i):
+        return sample
+
+    def add_noise(self, x0, noise, i):
+        alpha_prod = float(self.alphas_cumprod[int(self.timesteps[i])])
+        return alpha_prod ** 0.5 * x0 + (1 - alpha_prod) ** 0.5 * noise
+
+
+class PLMS(Sampler):
     """PNDM with skip_prk_steps (PLMS): linear multistep over the last four noise predictions."""
 
     def __init__(self, config, steps):
-        self.ac = alphas_cumprod(config)
+        super().__init__(config)
         self.prediction_type = config.get("prediction_type", "epsilon")
-        self.final_alpha = 1.0 if config.get("set_alpha_to_one", False) else float(self.ac[0])
+        self.final_alpha = 1.0 if config.get("set_alpha_to_one", False) else float(self.alphas_cumprod[0])
         self.stride = config.get("num_train_timesteps", 1000) // steps
         base = discrete_timesteps(config, steps, config.get("timestep_spacing", "leading"))[::-1]
         # PNDM runs one extra model call: the second timestep twice, to bootstrap the multistep.
         self.timesteps = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].astype(np.int64)
-        self.init_noise_sigma = 1.0
         self.outputs, self.first_sample = [], None
-
-    def scale_model_input(self, sample, i):
-        return sample
 
     def step(self, model_output, i, sample, noise=None):
         t = int(self.timesteps[i])
@@ -77,49 +95,44 @@ class PLMS:
             self.outputs = self.outputs[-3:] + [model_output]
         else:
             prev_t, t = t, t + self.stride
-        e = self.outputs
-        if len(e) == 1 and i == 0:
+        outputs = self.outputs
+        if len(outputs) == 1 and i == 0:
             self.first_sample = sample
-        elif len(e) == 1 and i == 1:
-            model_output = (model_output + e[-1]) / 2
+        elif len(outputs) == 1 and i == 1:
+            model_output = (model_output + outputs[-1]) / 2
             sample, self.first_sample = self.first_sample, None
-        elif len(e) == 2:
-            model_output = (3 * e[-1] - e[-2]) / 2
-        elif len(e) == 3:
-            model_output = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
+        elif len(outputs) == 2:
+            model_output = (3 * outputs[-1] - outputs[-2]) / 2
+        elif len(outputs) == 3:
+            model_output = (23 * outputs[-1] - 16 * outputs[-2] + 5 * outputs[-3]) / 12
         else:
-            model_output = (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4]) / 24
-        a_t = float(self.ac[t])
-        a_prev = float(self.ac[prev_t]) if prev_t >= 0 else self.final_alpha
+            model_output = (55 * outputs[-1] - 59 * outputs[-2] + 37 * outputs[-3] - 9 * outputs[-4]) / 24
+        a_t = float(self.alphas_cumprod[t])
+        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha
         if self.prediction_type == "v_prediction":
             model_output = a_t ** 0.5 * model_output + (1 - a_t) ** 0.5 * sample
         denominator = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
         return (a_prev / a_t) ** 0.5 * sample - (a_prev - a_t) * model_output / denominator
 
 
-class DDIM:
+class DDIM(Sampler):
     """DDIM; eta=0 is deterministic, eta=1 adds DDPM-sized noise."""
 
     def __init__(self, config, steps, eta=0.0):
-        self.ac = alphas_cumprod(config)
-        self.prediction_type = config.get("prediction_type", "epsilon")
-        self.final_alpha = 1.0 if config.get("set_alpha_to_one", True) else float(self.ac[0])
+        super().__init__(config)
+        self.final_alpha = 1.0 if config.get("set_alpha_to_one", True) else float(self.alphas_cumprod[0])
         self.clip_sample = config.get("clip_sample", True)
         self.clip_range = config.get("clip_sample_range", 1.0)
         self.stride = config.get("num_train_timesteps", 1000) // steps
         self.timesteps = discrete_timesteps(config, steps, config.get("timestep_spacing", "leading")).astype(np.int64)
         self.eta = eta
         self.needs_noise = eta > 0
-        self.init_noise_sigma = 1.0
-
-    def scale_model_input(self, sample, i):
-        return sample
 
     def step(self, model_output, i, sample, noise=None):
         t = int(self.timesteps[i])
         prev_t = t - self.stride
-        a_t = float(self.ac[t])
-        a_prev = float(self.ac[prev_t]) if prev_t >= 0 else self.final_alpha
+        a_t = float(self.alphas_cumprod[t])
+        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha
         x0, eps = x0_and_epsilon(model_output, sample, a_t, self.prediction_type)
         if self.clip_sample:
             x0 = x0.clip(-self.clip_range, self.clip_range)
@@ -128,19 +141,19 @@ class DDIM:
         return prev + std * noise if self.needs_noise else prev
 
 
-def sigmas_of(ac):
-    return ((1 - ac) / ac) ** 0.5
+def sigmas_of(alpha_prods):
+    return ((1 - alpha_prods) / alpha_prods) ** 0.5
 
 
-class Euler:
+class Euler(Sampler):
     """Euler (k-diffusion's sample_euler); `ancestral` adds noise each step (sample_euler_ancestral)."""
 
     def __init__(self, config, steps, ancestral=False):
-        ac = alphas_cumprod(config)
-        self.prediction_type = config.get("prediction_type", "epsilon")
+        super().__init__(config)
         spacing = config.get("timestep_spacing", "linspace")
         self.timesteps = discrete_timesteps(config, steps, spacing).astype(np.float32)
-        sigmas = np.interp(self.timesteps, np.arange(len(ac)), sigmas_of(ac))
+        train_sigmas = sigmas_of(self.alphas_cumprod)
+        sigmas = np.interp(self.timesteps, np.arange(len(train_sigmas)), train_sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         top = float(self.sigmas.max())
         self.init_noise_sigma = top if spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
@@ -148,6 +161,9 @@ class Euler:
 
     def scale_model_input(self, sample, i):
         return sample / (float(self.sigmas[i]) ** 2 + 1) ** 0.5
+
+    def add_noise(self, x0, noise, i):
+        return x0 + float(self.sigmas[i]) * noise
 
     def step(self, model_output, i, sample, noise=None):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
@@ -165,22 +181,18 @@ class Euler:
         return sample + derivative * (sigma_down - sigma) + noise * sigma_up
 
 
-class DPMSolverPP2M:
+class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M): second-order multistep in log-SNR, first order on the first and last step."""
 
     def __init__(self, config, steps, karras=False):
-        ac = alphas_cumprod(config)
-        self.prediction_type = config.get("prediction_type", "epsilon")
-        sigmas = sigmas_of(ac)
+        super().__init__(config)
+        sigmas = sigmas_of(self.alphas_cumprod)
         log_sigmas = np.log(sigmas)
         spacing = config.get("timestep_spacing", "linspace")
-        if spacing == "linspace":
-            timesteps = np.linspace(0, len(ac) - 1, steps + 1).round()[::-1][:-1]
-        elif spacing == "leading":
-            n = config.get("num_train_timesteps", 1000)
-            timesteps = (np.arange(0, steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + config.get("steps_offset", 0)
-        else:
+        if spacing == "trailing":
             timesteps = discrete_timesteps(config, steps, spacing)
+        else:  # diffusers spaces steps + 1 timesteps and drops the last (t = 0)
+            timesteps = discrete_timesteps(config, steps + 1, spacing).round()[:-1]
         if karras:
             sigmas = karras_sigmas(sigma_max=float(sigmas[-1]), sigma_min=float(sigmas[0]), steps=steps)
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas]).round()
@@ -188,11 +200,11 @@ class DPMSolverPP2M:
             sigmas = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
         self.timesteps = timesteps.astype(np.int64)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        self.init_noise_sigma = 1.0
         self.previous_x0 = None
 
-    def scale_model_input(self, sample, i):
-        return sample
+    def add_noise(self, x0, noise, i):
+        alpha, sigma, _ = self.alpha_sigma_lambda(float(self.sigmas[i]))
+        return alpha * x0 + sigma * noise
 
     @staticmethod
     def alpha_sigma_lambda(sigma):

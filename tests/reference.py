@@ -81,7 +81,7 @@ def save_diffusers_folder(models, folder):
 def compvis_state_dict(models):
     """The reference weights under CompVis keys: our key table read backwards. The test that uses this
     checks it against diffusers' own CompVis converter, so the table is not checked against itself."""
-    from stable_diffusion.weights import compvis_key_table
+    from stable_diffusion.loading.single_file import compvis_key_table
     table = compvis_key_table(dict(models["unet"].config), dict(models["vae"].config))
     backwards = {(component, target): source for source, (component, target) in table.items()}
     state = {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reference import max_relative_error
-from stable_diffusion import cpu_attention
+from stable_diffusion.cpu import attention as cpu_attention
 
 pytestmark = pytest.mark.skipif(not shutil.which("c++") or not cpu_attention.cpu_has_avx2_fma(),
                                 reason="the operator needs a C++ compiler and a CPU with AVX2 and FMA")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("c++") or not cpu_attention.cpu
 
 @pytest.fixture(scope="module")
 def kernel():
-    from stable_diffusion.compiled import cache_root
+    from stable_diffusion.cpu.compiled import cache_root
     built = cpu_attention.attention_kernel(cache_root())
     assert built is not None, "the attention operator did not build: see the warning"
     return built
@@ -73,10 +73,11 @@ def test_attention_operator_refuses_mismatched_shapes(kernel):
 
 def test_a_graph_traced_with_the_operator_holds_it_and_matches_paddles_attention(kernel, tmp_path):
     from paddle.static import InputSpec
-    from stable_diffusion.compiled import CompiledLayer
+    from stable_diffusion.cpu.compiled import CompiledLayer
     from stable_diffusion.models.layers import Attention
     paddle.seed(0)
-    layer = Attention(48, heads=3, dim_head=16, cross_attention_dim=32, query_chunks=2)
+    layer = Attention(48, heads=3, dim_head=16, cross_attention_dim=32)
+    layer.query_chunks = 2
     x, context = paddle.randn([2, 30, 48]), paddle.randn([2, 7, 32])
     expected = layer(x, context).numpy()  # eager: Paddle's matmuls and softmax
     graph = CompiledLayer(layer, [InputSpec([None, None, 48], "float32", "x"),
@@ -89,7 +90,7 @@ def test_a_graph_traced_with_the_operator_holds_it_and_matches_paddles_attention
 
 def test_without_the_operator_graphs_keep_paddles_attention_in_a_folder_of_their_own(kernel, sd1_folder,
                                                                                       monkeypatch):
-    import stable_diffusion.compiled as compiled
+    import stable_diffusion.cpu.compiled as compiled
     with_operator = compiled.weights_fingerprint(sd1_folder)
     monkeypatch.setenv(cpu_attention.DISABLE_ENV_VAR, "1")
     assert cpu_attention.attention_kernel(compiled.cache_root()) is None

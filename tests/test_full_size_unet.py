@@ -4,7 +4,7 @@ import paddle
 import torch
 
 from reference import max_relative_error
-from stable_diffusion.weights import default_config, load_state_dict
+from stable_diffusion.loading.state_dict import default_config, load_state_dict
 from stable_diffusion.models.unet import UNet2DConditionModel
 
 

@@ -47,6 +47,19 @@ def test_hub_run_writes_images(hub_env, tmp_path):
     assert str(out) in output
 
 
+def test_hub_run_a_module_folder_with_use_gpu_as_the_original_module_spells_it(hub_env, tmp_path):
+    # Given a folder, PaddleHub's `hub run` calls the module class, not an instance (it used to fail
+    # with "'property' object is not callable"); `--use_gpu True/False` as the original module's CLI.
+    out = tmp_path / "out"
+    code, output = hub("run", os.path.abspath(os.path.join(REPO, "stable_diffusion")), "--text_prompts", "a boat",
+                       "--output_dir", str(out), "--width_height", "64", "64", "--num_inference_steps", "2",
+                       "--use_gpu", "False", env=hub_env)
+    assert code == 0 and "Traceback" not in output, output
+    assert len(os.listdir(out)) == 1, output
+    code, output = hub("run", "stable_diffusion", "--text_prompts", "a boat", "--use_gpu", "maybe", env=hub_env)
+    assert "expected True, False, 1 or 0, got 'maybe'" in output
+
+
 def test_hub_run_help_lists_arguments(hub_env):
     code, output = hub("run", "stable_diffusion", "--help", env=hub_env)
     for option in ("--text_prompts", "--negative_prompt", "--sampler", "--prompts_file", "--model"):

@@ -4,9 +4,9 @@ import os
 import numpy as np
 import paddle
 
-from stable_diffusion.compiled import compile_for_cpu
-from stable_diffusion.mapped_weights import ALIGNMENT, align_tensor_data, records
-from stable_diffusion.weights import load_models
+from stable_diffusion.cpu.compiled import compile_for_cpu
+from stable_diffusion.cpu.mapped_weights import ALIGNMENT, align_tensor_data, records
+from stable_diffusion.loading import load_models
 
 
 def data_offsets(path):
@@ -37,13 +37,13 @@ def test_predictors_read_their_weights_from_the_mapped_file(sd1_folder, tmp_path
     for graph in ("text_encoder", "unet", "vae_decoder"):
         assert all(offset % ALIGNMENT == 0 for offset in data_offsets(str(tmp_path / key / graph / "model.pdiparams")))
         assert os.path.isfile(tmp_path / key / graph / "lendable.json")
-    _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
+    _, _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
     lent = decode.weights.lendable(decode.predictor)
     arrays = decode.weights.arrays  # the predictor folds the convolutions' biases into new weights
     assert sum(arrays[name].nbytes for name in lent) >= 0.9 * sum(array.nbytes for array in arrays.values())
     np.testing.assert_allclose(decode(latents).numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
-    _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
+    _, _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
     for name in lent:  # the mapping is private to this process: the file keeps its values
         decode.weights.arrays[name][...] = 0
     assert np.abs(decode(latents).numpy() - expected).max() > 0.1 * np.abs(expected).max()
@@ -52,7 +52,7 @@ def test_predictors_read_their_weights_from_the_mapped_file(sd1_folder, tmp_path
 def test_the_unet_lends_every_weight_but_the_folded_biases(sd1_folder, tmp_path, monkeypatch):
     # GEGLU's projection is sliced in two: traced as is, the predictor would own both halves.
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
-    _, unet, _ = compile_for_cpu(load_models(sd1_folder), threads=1)
+    _, unet, _, _ = compile_for_cpu(load_models(sd1_folder), threads=1)
     graph = unet.graph
     lent = set(graph.weights.lendable(graph.predictor))
     kept = [name for name, array in graph.weights.arrays.items() if name not in lent and array.ndim > 1]
@@ -97,11 +97,11 @@ def test_no_graph_computes_weights_from_weights(sd1_folder, tmp_path, monkeypatc
 
 
 def test_mapped_pages_are_dropped_during_and_after_every_run(sd1_folder, tmp_path, monkeypatch):
-    import stable_diffusion.compiled as compiled
-    import stable_diffusion.mapped_weights as mapped_weights
+    import stable_diffusion.cpu.compiled as compiled
+    import stable_diffusion.cpu.mapped_weights as mapped_weights
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
     monkeypatch.setattr(mapped_weights, "DROP_INTERVAL_S", 0.0)
-    _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
+    _, _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
     events = []
     monkeypatch.setattr(decode.weights, "drop_pages", lambda: events.append("drop"))
     monkeypatch.setattr(compiled, "release_freed_heap", lambda: events.append("trim"))
@@ -116,7 +116,7 @@ def test_mapped_pages_are_dropped_during_and_after_every_run(sd1_folder, tmp_pat
 def test_linear_layers_leave_no_copy_of_their_weights(tmp_path):
     # oneDNN's fc would keep a reordered copy of the weights (64 MiB here); a matmul reads the mapping.
     from paddle.static import InputSpec
-    from stable_diffusion.compiled import CompiledLayer
+    from stable_diffusion.cpu.compiled import CompiledLayer
 
     def resident_mib():
         with open("/proc/self/statm") as f:
@@ -132,7 +132,7 @@ def test_linear_layers_leave_no_copy_of_their_weights(tmp_path):
 
 def test_a_damaged_cached_weights_file_says_to_delete_the_graph(sd1_folder, tmp_path, monkeypatch):
     import pytest
-    from stable_diffusion.mapped_weights import MappedWeights
+    from stable_diffusion.cpu.mapped_weights import MappedWeights
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
     compile_for_cpu(load_models(sd1_folder), threads=1)
     (key,) = os.listdir(tmp_path)
@@ -146,7 +146,7 @@ def test_a_damaged_cached_weights_file_says_to_delete_the_graph(sd1_folder, tmp_
 def test_a_graph_without_weights_runs(tmp_path):
     """bench/ops.py times single ops (attention, SiLU) as graphs that hold no weights at all."""
     from paddle.static import InputSpec
-    from stable_diffusion.compiled import CompiledLayer
+    from stable_diffusion.cpu.compiled import CompiledLayer
 
     class Doubling(paddle.nn.Layer):
         def forward(self, x):

@@ -109,7 +109,7 @@ def test_prompt_file_names_stay_inside_output_dir(module, tmp_path, prompt):
 
 
 def test_given_latents_are_used(module, sd1_folder):
-    shape = TextToImage(sd1_folder).pipeline(False, False).latent_shape(1, 64, 72)
+    shape = TextToImage(sd1_folder).load_pipeline(False, False).latent_shape(1, 64, 72)
     latents = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     a = module.generate_image("a road", latents=latents.tolist(), seed=1, output_dir=None, **FAST)
     b = module.generate_image("a road", latents=latents, seed=2, output_dir=None, **FAST)
@@ -151,7 +151,7 @@ def test_model_from_environment_variable(sd1_folder, monkeypatch):
 def test_cached_graph_loads_without_eager_weights(module, sd1_folder):
     before = final_image(module.generate_image("a kite", seed=2, output_dir=None, **FAST)[0])
     fresh = TextToImage(sd1_folder)
-    pipeline = fresh.pipeline(use_gpu=False, enable_fp16=False)
+    pipeline = fresh.load_pipeline(use_gpu=False, enable_fp16=False)
     models = pipeline.models
     for model in (models.text_encoder, models.unet, models.vae):  # the VAE's unused encoder included
         assert not any(p._is_initialized() for p in model.parameters())

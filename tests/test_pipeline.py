@@ -5,7 +5,7 @@ import torch
 
 from reference import SCHEDULER, VOCAB_DIR
 from stable_diffusion.pipeline import StableDiffusionPipeline
-from stable_diffusion.weights import load_models
+from stable_diffusion.loading import load_models
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def test_images_match_diffusers(pipelines, engine, sampler, negative_prompt, wid
                                   num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=2,
                                   latents=torch.from_numpy(latents), output_type="np").images
     expected = (expected * 255).round().astype(np.uint8)
-    images, frames = ours(prompt, negative_prompt or "", height, width, 2, 6, 7.5, sampler, 0.0, seed=0,
+    images, frames = ours(prompt, negative_prompt=negative_prompt or "", height=height, width=width, batch_size=2,
+                          num_inference_steps=6, guidance_scale=7.5, sampler=sampler, eta=0.0, seed=0,
                           latents=latents, progress=False)
     assert images.shape == (2, height, width, 3) and images.dtype == np.uint8
     difference = np.abs(images.astype(int) - expected.astype(int)).max()
@@ -55,17 +56,19 @@ def test_guidance_off_uses_the_prompt_alone(pipelines):
     latents = np.random.default_rng(4).standard_normal(ours.latent_shape(1, 64, 64)).astype(np.float32)
     expected = reference("plms")("a red car", height=64, width=64, num_inference_steps=3, guidance_scale=1.0,
                                  latents=torch.from_numpy(latents), output_type="np").images
-    images, _ = ours("a red car", "", 64, 64, 1, 3, 1.0, "plms", 0.0, seed=0, latents=latents, progress=False)
+    images, _ = ours("a red car", height=64, width=64, num_inference_steps=3, guidance_scale=1.0, sampler="plms",
+                     seed=0, latents=latents, progress=False)
     assert np.abs(images.astype(int) - (expected * 255).round().astype(int)).max() <= 2
 
 
 def test_frames_every_display_rate_steps(pipelines):
     ours = pipelines[0]["inference"]
-    _, frames = ours("a house", "", 64, 64, 1, 6, 7.5, "ddim", 0.0, seed=1, display_rate=2, progress=False)
+    house = dict(height=64, width=64, num_inference_steps=6, guidance_scale=7.5, sampler="ddim", seed=1, display_rate=2,
+                 progress=False)
+    _, frames = ours("a house", **house)
     assert [step for step, _ in frames] == [2, 4, 6]
     assert all(images.shape == (1, 64, 64, 3) for _, images in frames)
-    _, vae_frames = ours("a house", "", 64, 64, 1, 6, 7.5, "ddim", 0.0, seed=1, display_rate=2,
-                         frame_decoder="vae", progress=False)
+    _, vae_frames = ours("a house", frame_decoder="vae", **house)
     np.testing.assert_array_equal(vae_frames[-1][1], frames[-1][1])  # the final image is the VAE's either way
     assert not np.array_equal(vae_frames[0][1], frames[0][1])
 
@@ -73,7 +76,7 @@ def test_frames_every_display_rate_steps(pipelines):
 def test_compiled_models_match_eager_and_are_cached(sd1_folder, tmp_path, monkeypatch):
     import os
     import paddle
-    from stable_diffusion.compiled import compile_for_cpu
+    from stable_diffusion.cpu.compiled import compile_for_cpu
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
     eager = load_models(sd1_folder)
     ids = paddle.to_tensor(np.array([eager.tokenizer("a fox in the snow"), eager.tokenizer("")], np.int64))
@@ -82,19 +85,22 @@ def test_compiled_models_match_eager_and_are_cached(sd1_folder, tmp_path, monkey
     expected_context = eager.text_encoder(ids).numpy()
     expected = eager.unet(sample, 321.0, context).numpy()
     expected_image = eager.vae.decode(sample).numpy()
-    text_encoder, unet, decode = compile_for_cpu(load_models(sd1_folder), threads=2)
+    image = paddle.rand([2, 3, 24, 16]) * 2 - 1
+    expected_mean, expected_logvar = (m.numpy() for m in eager.vae.encode(image))
+    text_encoder, unet, encode, decode = compile_for_cpu(load_models(sd1_folder), threads=2)
+    mean, logvar = encode(image)
     for got, want in [(text_encoder(ids), expected_context), (unet(sample, 321.0, context), expected),
-                      (decode(sample), expected_image)]:
+                      (decode(sample), expected_image), (mean, expected_mean), (logvar, expected_logvar)]:
         assert np.abs(got.numpy() - want).max() <= 1e-4 * np.abs(want).max()
     (key,) = os.listdir(tmp_path)
-    assert sorted(os.listdir(tmp_path / key)) == ["text_encoder", "unet", "vae_decoder"]
+    assert sorted(os.listdir(tmp_path / key)) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     compile_for_cpu(load_models(sd1_folder), threads=2)  # the second time loads the cached graphs
     assert os.listdir(tmp_path) == [key]
 
 
 def test_graph_cache_key_follows_weights_and_traced_code(sd1_folder, tmp_path, monkeypatch):
     import os
-    import stable_diffusion.compiled as compiled
+    import stable_diffusion.cpu.compiled as compiled
     code = tmp_path / "layers.py"
     code.write_text("x = 1\n")
     monkeypatch.setattr(compiled, "TRACED_SOURCES", [str(code)])
@@ -107,6 +113,12 @@ def test_graph_cache_key_follows_weights_and_traced_code(sd1_folder, tmp_path, m
     stat = os.stat(config)
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert compiled.weights_fingerprint(sd1_folder) != key
+    key = compiled.weights_fingerprint(sd1_folder)
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"x")
+    assert compiled.weights_fingerprint(sd1_folder, adapters=(str(lora), "weight 0.8")) != key
+    assert compiled.weights_fingerprint(sd1_folder, adapters=(str(lora), "weight 0.5")) != \
+        compiled.weights_fingerprint(sd1_folder, adapters=(str(lora), "weight 0.8"))
 
 
 def test_compiled_graphs_run_on_one_thread_whoever_calls(sd1_folder, tmp_path, monkeypatch):
@@ -114,9 +126,9 @@ def test_compiled_graphs_run_on_one_thread_whoever_calls(sd1_folder, tmp_path, m
     # (hub serving) would pay for that copy on every request.
     import threading
     import paddle
-    from stable_diffusion.compiled import CompiledLayer, compile_for_cpu
+    from stable_diffusion.cpu.compiled import CompiledLayer, compile_for_cpu
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
-    _, unet, _ = compile_for_cpu(load_models(sd1_folder), threads=1)
+    _, unet, _, _ = compile_for_cpu(load_models(sd1_folder), threads=1)
     ran_on = []
     run = CompiledLayer.run
     monkeypatch.setattr(CompiledLayer, "run", lambda self, arrays: ran_on.append(threading.get_ident())
@@ -140,12 +152,12 @@ def test_compiled_graphs_run_on_one_thread_whoever_calls(sd1_folder, tmp_path, m
 def test_compiled_layer_starts_a_fresh_cache_when_the_image_size_changes(sd1_folder, tmp_path, monkeypatch):
     # oneDNN keeps a copy of the weights per input shape for the predictor's life: a new size gets a new one.
     import paddle
-    from stable_diffusion.compiled import compile_for_cpu
+    from stable_diffusion.cpu.compiled import compile_for_cpu
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path))
     eager = load_models(sd1_folder)
     small, large = paddle.randn([1, 4, 8, 8]), paddle.randn([1, 4, 9, 7])
     expected_small, expected_large = eager.vae.decode(small).numpy(), eager.vae.decode(large).numpy()
-    _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
+    _, _, _, decode = compile_for_cpu(load_models(sd1_folder), threads=1)
     first = decode(small).numpy()
     predictor = decode.predictor
     np.testing.assert_array_equal(decode(small).numpy(), first)

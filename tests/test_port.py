@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reference import max_relative_error, to_numpy
-from stable_diffusion.weights import load_models
+from stable_diffusion.loading import load_models
 
 TOLERANCE = 1e-4
 
@@ -109,7 +109,7 @@ def test_group_norm_in_a_traced_graph_matches_torch_without_paddles_kernel(shape
     # In a graph, GroupNorm is pooled statistics and a per-channel scale and shift, which keep
     # oneDNN's layout (see layers.GroupNorm); Paddle's group_norm operator must not be in it.
     from paddle.static import InputSpec
-    from stable_diffusion.compiled import CompiledLayer
+    from stable_diffusion.cpu.compiled import CompiledLayer
     from stable_diffusion.models.layers import GroupNorm
     rng = np.random.default_rng(0)
     channels = shape[1]

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from reference import TINY, compvis_state_dict, max_relative_error, to_numpy
-from stable_diffusion.checkpoint_files import CheckpointError, read_state_dict
-from stable_diffusion.weights import load_models, load_single_file
+from stable_diffusion.loading.checkpoint_files import CheckpointError, read_state_dict
+from stable_diffusion.loading import load_models, load_single_file
 
 SD1_CONFIGS = {**TINY["sd1"], "scheduler": None}
 
@@ -150,8 +150,9 @@ def test_unknown_keys_are_named(compvis_files, tmp_path):
 
 
 def test_hub_id_without_network_says_how_to_use_local_weights():
-    with pytest.raises(CheckpointError, match="point at local weights"):
+    with pytest.raises(CheckpointError, match="point at local weights") as error:
         load_models("someone/some-model-that-is-not-cached")
+    assert "--model demo" in str(error.value)
 
 
 def test_torch_zip_checkpoint_read_without_torch_types(tmp_path):

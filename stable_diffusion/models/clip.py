@@ -21,6 +21,7 @@ class CLIPAttention(nn.Layer):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
+        self.query_chunks = None  # the CPU engine's, set before it traces (cpu/compiled.py)
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -28,7 +29,8 @@ class CLIPAttention(nn.Layer):
 
     def forward(self, x, mask):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.out_proj(scaled_dot_product_attention(q, k, v, self.heads, mask=mask))
+        return self.out_proj(scaled_dot_product_attention(q, k, v, self.heads, mask=mask,
+                                                         query_chunks=self.query_chunks))
 
 
 class CLIPEncoderLayer(nn.Layer):

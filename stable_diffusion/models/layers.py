@@ -12,7 +12,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 # SiLU under its other name: Paddle Inference runs `swish` with oneDNN and `silu` with a slower native
-# kernel (bench/ops.py, bench/NOTES.md).
+# kernel (bench/ops.py, bench/NOTES.md section 10).
 silu = F.swish
 
 
@@ -50,17 +50,16 @@ class GroupNorm(nn.GroupNorm):
 class Attention(nn.Layer):
     """Multi-head attention as diffusers' `Attention`: self-attention, or cross-attention when
     `cross_attention_dim` is given. `upcast` computes the softmax in fp32 (SD 2.1 needs it in fp16).
-    `query_chunks`: see `scaled_dot_product_attention`."""
+    `kernel` and `query_chunks` are the CPU engine's, set before it traces (cpu/compiled.py)."""
 
-    def __init__(self, query_dim, heads, dim_head, cross_attention_dim=None, bias=False, upcast=False,
-                 query_chunks=1):
+    def __init__(self, query_dim, heads, dim_head, cross_attention_dim=None, bias=False, upcast=False):
         super().__init__()
         inner_dim = heads * dim_head
         context_dim = cross_attention_dim or query_dim
         self.heads = heads
         self.upcast = upcast
-        self.query_chunks = query_chunks
-        self.kernel = None  # a fused attention operator, when the graph is traced for one (compiled.py)
+        self.query_chunks = None
+        self.kernel = None
         self.to_q = nn.Linear(query_dim, inner_dim, bias_attr=bias)
         self.to_k = nn.Linear(context_dim, inner_dim, bias_attr=bias)
         self.to_v = nn.Linear(context_dim, inner_dim, bias_attr=bias)
@@ -79,27 +78,37 @@ def dims(x):
     return x.shape if paddle.in_dynamic_mode() else paddle.shape(x)
 
 
-def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None, query_chunks=1, kernel=None):
+def scaled_dot_product_attention(q, k, v, heads, upcast=False, mask=None, query_chunks=None, kernel=None):
     """q: [B, Lq, H*D], k and v: [B, Lk, H*D] -> [B, Lq, H*D]; mask ([B, 1, Lq, Lk]) is added to the
-    scores (only with query_chunks=1). `kernel(q, k, v, heads, scale)`: a fused operator that computes
-    it all (fp32, no mask: cpu_attention.py).
+    scores. With `query_chunks` None (eager, GPU), all heads in one batched product.
 
-    Computed one head and one block of queries at a time: Paddle has no fused attention on CPU, and
-    the whole [B, H, Lq, Lk] score tensor (1 GiB per layer for SD at 512 px) makes every pass over it
-    run from main memory; a block's scores stay in cache (bench/NOTES.md). The graph is traced once
-    for every image size, so the number of blocks is fixed and their size follows Lq; the queries are
-    padded to a multiple of `query_chunks` and the padded rows dropped at the end."""
-    if mask is not None and query_chunks > 1:
+    The CPU engine (cpu/compiled.py) sets the other two before it traces. `kernel(q, k, v, heads,
+    scale)`: a fused operator that computes it all (fp32, no mask: cpu/attention.py). `query_chunks`
+    (where there is no kernel): one head and one block of queries at a time. Paddle has no fused
+    attention on CPU, and the whole [B, H, Lq, Lk] score tensor (1 GiB per layer for SD at 512 px)
+    makes every pass over it run from main memory; a block's scores stay in cache (bench/NOTES.md
+    section 8). The graph is traced once for every image size, so the number of blocks is fixed and
+    their size follows Lq; the queries are padded to a multiple of `query_chunks` and the padded rows
+    dropped at the end. A mask needs query_chunks 1 or None."""
+    if mask is not None and query_chunks not in (None, 1):
         raise ValueError("a mask needs query_chunks=1")
     inner = q.shape[-1]
     dim_head = inner // heads
     if kernel is not None and mask is None and q.dtype == paddle.float32:
         return kernel(q, k, v, heads, dim_head ** -0.5)
-    length = dims(q)[1]
     if upcast and q.dtype != paddle.float32:
         q, k = q.astype("float32"), k.astype("float32")
     # Scaling q rather than the scores: one pass over [B, Lq, H*D] instead of [B, H, Lq, Lk].
     q = q * (dim_head ** -0.5)
+    if query_chunks is None:
+        def split_heads(t):
+            return t.reshape([0, 0, heads, dim_head]).transpose([0, 2, 1, 3])
+        scores = paddle.matmul(split_heads(q), split_heads(k), transpose_y=True)
+        if mask is not None:
+            scores = scores + mask
+        out = paddle.matmul(F.softmax(scores, axis=-1).astype(v.dtype), split_heads(v))
+        return out.transpose([0, 2, 1, 3]).reshape([0, 0, inner])
+    length = dims(q)[1]
     if query_chunks > 1:
         chunk = (length + query_chunks - 1) // query_chunks
         padding = paddle.zeros([dims(q)[0], chunk * query_chunks - length, inner], q.dtype)
@@ -158,7 +167,7 @@ class Upsample2D(nn.Layer):
     4x4 kernel) of the input.
 
     Through the 3x3 kernel, each output pixel sees only 2 distinct input rows and 2 columns: 2.25x
-    fewer multiply-adds than convolving the upsampled input, which is never built (bench/NOTES.md)."""
+    fewer multiply-adds than convolving the upsampled input, which is never built (bench/NOTES.md sections 10, 14)."""
 
     # Along one axis, output 2i sees input i-1 through tap w0 and input i through w1 + w2; output 2i+1
     # sees input i through w0 + w1 and input i+1 through w2. A transposed convolution (stride 2,

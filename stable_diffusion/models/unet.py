@@ -38,7 +38,7 @@ class FeedForward(nn.Layer):
 
     def project(self, x):
         # Two products with the halves of the weight, not one product split in two: the split copies
-        # the whole [B, L, 2 * inner] output (bench/NOTES.md).
+        # the whole [B, L, 2 * inner] output (bench/NOTES.md sections 17, 23).
         if self.halves is not None:
             return self.halves[0](x), self.halves[1](x)
         weight, bias, inner = self.net[0].proj.weight, self.net[0].proj.bias, self.inner
@@ -57,10 +57,10 @@ class FeedForward(nn.Layer):
 
 
 class BasicTransformerBlock(nn.Layer):
-    def __init__(self, dim, heads, dim_head, cross_attention_dim, upcast, query_chunks):
+    def __init__(self, dim, heads, dim_head, cross_attention_dim, upcast):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast, query_chunks=query_chunks)
+        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
@@ -73,7 +73,7 @@ class BasicTransformerBlock(nn.Layer):
 
 
 class Transformer2DModel(nn.Layer):
-    def __init__(self, channels, heads, cross_attention_dim, groups, linear_projection, upcast, query_chunks):
+    def __init__(self, channels, heads, cross_attention_dim, groups, linear_projection, upcast):
         super().__init__()
         self.linear_projection = linear_projection
         self.norm = GroupNorm(groups, channels, epsilon=1e-6)
@@ -82,7 +82,7 @@ class Transformer2DModel(nn.Layer):
         else:
             self.proj_in, self.proj_out = nn.Conv2D(channels, channels, 1), nn.Conv2D(channels, channels, 1)
         self.transformer_blocks = nn.LayerList(
-            [BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim, upcast, query_chunks)])
+            [BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim, upcast)])
 
     def forward(self, x, context):
         shape, channels = dims(x), x.shape[1]
@@ -158,18 +158,15 @@ class UNet2DConditionModel(nn.Layer):
         # diffusers reads `attention_head_dim` as the number of heads when num_attention_heads is unset.
         heads = _per_block(cfg["num_attention_heads"] or cfg["attention_head_dim"], blocks)
         cross_dim = cfg["cross_attention_dim"]
-        groups, eps, lpb = cfg["norm_num_groups"], cfg["norm_eps"], cfg["layers_per_block"]
+        groups, eps, layers = cfg["norm_num_groups"], cfg["norm_eps"], cfg["layers_per_block"]
         temb_dim = channels[0] * 4
 
         def resnet(cin, cout):
             return ResnetBlock2D(cin, cout, temb_dim, groups, eps)
 
-        def attention(ch, n_heads, level):
-            # Self-attention in blocks of queries, so that a block's scores stay in cache: 16 at full
-            # latent size (256 queries each at 512 px), 2 a level down (bench/NOTES.md sections 8, 25:
-            # 8 and 32 blocks measured within this machine's noise of 16).
+        def attention(ch, n_heads):
             return Transformer2DModel(ch, n_heads, cross_dim, groups, cfg["use_linear_projection"],
-                                      cfg["upcast_attention"], query_chunks={0: 16, 1: 2}.get(level, 1))
+                                      cfg["upcast_attention"])
 
         self.conv_in = nn.Conv2D(cfg["in_channels"], channels[0], 3, padding=1)
         self.time_embedding = nn.Layer()
@@ -181,13 +178,13 @@ class UNet2DConditionModel(nn.Layer):
             in_ch, out_ch = out_ch, channels[i]
             is_last = i == blocks - 1
             down_blocks.append(UNetBlock(
-                [resnet(in_ch if j == 0 else out_ch, out_ch) for j in range(lpb)],
-                [attention(out_ch, heads[i], i) for _ in range(lpb)] if block_type.startswith("CrossAttn") else [],
+                [resnet(in_ch if j == 0 else out_ch, out_ch) for j in range(layers)],
+                [attention(out_ch, heads[i]) for _ in range(layers)] if block_type.startswith("CrossAttn") else [],
                 downsampler=None if is_last else Downsample2D(out_ch, cfg["downsample_padding"])))
         self.down_blocks = nn.LayerList(down_blocks)
 
         self.mid_block = UNetMidBlock([resnet(channels[-1], channels[-1]) for _ in range(2)],
-                                      [attention(channels[-1], heads[-1], blocks - 1)])
+                                      [attention(channels[-1], heads[-1])])
 
         up_blocks, reversed_channels, reversed_heads = [], channels[::-1], heads[::-1]
         out_ch = reversed_channels[0]
@@ -196,9 +193,9 @@ class UNet2DConditionModel(nn.Layer):
             skip_ch = reversed_channels[min(i + 1, blocks - 1)]
             is_last = i == blocks - 1
             up_blocks.append(UNetBlock(
-                [resnet((prev_ch if j == 0 else out_ch) + (skip_ch if j == lpb else out_ch), out_ch)
-                 for j in range(lpb + 1)],
-                [attention(out_ch, reversed_heads[i], blocks - 1 - i) for _ in range(lpb + 1)]
+                [resnet((prev_ch if j == 0 else out_ch) + (skip_ch if j == layers else out_ch), out_ch)
+                 for j in range(layers + 1)],
+                [attention(out_ch, reversed_heads[i]) for _ in range(layers + 1)]
                 if block_type.startswith("CrossAttn") else [],
                 upsampler=None if is_last else Upsample2D(out_ch)))
         self.up_blocks = nn.LayerList(up_blocks)

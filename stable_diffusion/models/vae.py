@@ -22,14 +22,14 @@ class VAEAttention(nn.Layer):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.LayerList([nn.Linear(channels, channels)])
-        self.kernel = None  # a fused attention operator, when the graph is traced for one (compiled.py)
+        self.query_chunks = None  # the CPU engine's, set before it traces (cpu/compiled.py)
+        self.kernel = None
 
     def forward(self, x):
         shape, channels = dims(x), x.shape[1]
         h = self.group_norm(x).flatten(2).transpose([0, 2, 1])
-        # At latent size, like the UNet's first level: blocks of queries as there (8).
         h = scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=True,
-                                         query_chunks=8, kernel=self.kernel)
+                                         query_chunks=self.query_chunks, kernel=self.kernel)
         h = self.to_out[0](h).transpose([0, 2, 1]).reshape([shape[0], channels, shape[2], shape[3]])
         return x + h
 
@@ -64,13 +64,13 @@ class VAEBlock(nn.Layer):
 class Encoder(nn.Layer):
     def __init__(self, cfg):
         super().__init__()
-        channels, groups, lpb = cfg["block_out_channels"], cfg["norm_num_groups"], cfg["layers_per_block"]
+        channels, groups, layers = cfg["block_out_channels"], cfg["norm_num_groups"], cfg["layers_per_block"]
         self.conv_in = nn.Conv2D(cfg["in_channels"], channels[0], 3, padding=1)
         blocks, out_ch = [], channels[0]
         for i, ch in enumerate(channels):
             in_ch, out_ch = out_ch, ch
             blocks.append(VAEBlock(
-                [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups) for j in range(lpb)],
+                [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups) for j in range(layers)],
                 downsampler=Downsample2D(out_ch, padding=0) if i < len(channels) - 1 else None))
         self.down_blocks = nn.LayerList(blocks)
         self.mid_block = VAEMidBlock(channels[-1], groups)
@@ -87,14 +87,14 @@ class Encoder(nn.Layer):
 class Decoder(nn.Layer):
     def __init__(self, cfg):
         super().__init__()
-        channels, groups, lpb = cfg["block_out_channels"][::-1], cfg["norm_num_groups"], cfg["layers_per_block"]
+        channels, groups, layers = cfg["block_out_channels"][::-1], cfg["norm_num_groups"], cfg["layers_per_block"]
         self.conv_in = nn.Conv2D(cfg["latent_channels"], channels[0], 3, padding=1)
         self.mid_block = VAEMidBlock(channels[0], groups)
         blocks, out_ch = [], channels[0]
         for i, ch in enumerate(channels):
             in_ch, out_ch = out_ch, ch
             blocks.append(VAEBlock(
-                [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups) for j in range(lpb + 1)],
+                [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups) for j in range(layers + 1)],
                 upsampler=Upsample2D(out_ch) if i < len(channels) - 1 else None))
         self.up_blocks = nn.LayerList(blocks)
         self.conv_norm_out = GroupNorm(groups, channels[-1], epsilon=1e-6)
@@ -131,7 +131,10 @@ class AutoencoderKL(nn.Layer):
 
     def encode(self, images):
         """images in [-1, 1], [B, 3, H, W] -> (mean, logvar) of the latent distribution, unscaled."""
-        moments = self.quant_conv(self.encoder(images))
+        return self.split_moments(self.quant_conv(self.encoder(images)))
+
+    @staticmethod
+    def split_moments(moments):
         mean, logvar = moments.chunk(2, axis=1)
         return mean, paddle.clip(logvar, -30.0, 20.0)
 

@@ -1,7 +1,7 @@
 """Attention as one C++ operator for the CPU (kernels/attention_cpu.cc), built on first use.
 
 Paddle has no fused attention on the CPU; with two matmuls and a softmax, attention cost a 512 px UNet
-step 28% of its time against 20% of diffusers' (bench/NOTES.md). The operator is compiled with the
+step 28% of its time against 20% of diffusers' (bench/NOTES.md sections 25, 26). The operator is compiled with the
 machine's C++ compiler through `paddle.utils.cpp_extension` (about 20 s, once per Paddle version and
 source) into the graph cache. Where it cannot be built (no AVX2 and FMA, no compiler) the graphs keep
 Paddle's matmuls and softmax, with a warning.
@@ -31,7 +31,7 @@ def build_folder(cache_root):
     return os.path.join(cache_root, "kernels", digest)
 
 
-LOADED = []  # the operator (or None), once per process: Paddle registers an operator's name once
+BUILT_OPERATOR = []  # the operator (or None), once per process: Paddle registers an operator's name once
 
 
 def attention_kernel(cache_root):
@@ -39,9 +39,9 @@ def attention_kernel(cache_root):
     or STABLE_DIFFUSION_NO_CPU_KERNELS is set. Built into the first `cache_root` asked for."""
     if os.environ.get(DISABLE_ENV_VAR):
         return None
-    if not LOADED:
-        LOADED.append(build_and_load(cache_root))
-    return LOADED[0]
+    if not BUILT_OPERATOR:
+        BUILT_OPERATOR.append(build_and_load(cache_root))
+    return BUILT_OPERATOR[0]
 
 
 def build_and_load(cache_root):

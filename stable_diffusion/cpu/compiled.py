@@ -1,7 +1,7 @@
 """The text encoder, UNet and VAE decoder as Paddle Inference predictors with oneDNN, for the CPU.
 
 Eager Paddle runs convolutions about 4x slower than PyTorch on CPU; the same layers traced to a static
-graph and run by Paddle Inference with oneDNN kernels are on par (bench/NOTES.md). Tracing and saving
+graph and run by Paddle Inference with oneDNN kernels are on par (bench/NOTES.md section 3). Tracing and saving
 take a while, so the exported graph is cached per weights, keyed by where they came from and when
 they were written.
 """
@@ -17,18 +17,19 @@ import paddle.nn as nn
 from paddle import inference
 from paddle.static import InputSpec
 
-from stable_diffusion.cpu_attention import attention_kernel
-from stable_diffusion.mapped_weights import MappedWeights, align_tensor_data, release_freed_heap
+from stable_diffusion.cpu.attention import attention_kernel
+from stable_diffusion.cpu.mapped_weights import MappedWeights, align_tensor_data, release_freed_heap
 from stable_diffusion.models.layers import Attention, Upsample2D
 from stable_diffusion.models.unet import FeedForward
 from stable_diffusion.models.vae import VAEAttention
 
 CACHE_ENV_VAR = "STABLE_DIFFUSION_CACHE"
-# The graphs are traced and saved by this code: a change to it must not reuse graphs saved by older code.
-HERE = os.path.dirname(__file__)
-TRACED_SOURCES = [os.path.join(HERE, name) for name in (
-    "compiled.py", "mapped_weights.py", "cpu_attention.py", os.path.join("kernels", "attention_cpu.cc"))] + sorted(
-    os.path.join(HERE, "models", name) for name in os.listdir(os.path.join(HERE, "models")) if name.endswith(".py"))
+# The graphs are traced and saved by this code (every file of cpu/ and models/): a change to it must
+# not reuse graphs saved by older code.
+PACKAGE = os.path.dirname(os.path.dirname(__file__))
+TRACED_SOURCES = sorted(os.path.join(root, name) for part in ("cpu", "models")
+                        for root, _, names in os.walk(os.path.join(PACKAGE, part))
+                        for name in names if name.endswith((".py", ".cc")))
 
 
 # oneDNN keeps a reordered copy of every weight per input shape and per calling thread (as large as
@@ -37,24 +38,26 @@ TRACED_SOURCES = [os.path.join(HERE, name) for name in (
 # UNet's and VAE decoder's predictors are replaced by new ones (empty caches, the same lent weights)
 # when the image size changes (a clone would copy the lent weights). Paddle's own bound,
 # `set_mkldnn_cache_capacity`, is shared by all predictors and evicts the newest shape first: the UNet
-# and VAE decoder evicted each other's copies on every step after a size change (bench/NOTES.md).
+# and VAE decoder evicted each other's copies on every step after a size change (bench/NOTES.md section 16).
 
 
 def cache_root():
     return os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "stable_diffusion_paddle")
 
 
-def weights_fingerprint(source):
-    """Changes when the weights at `source` (a folder or a file) change."""
+def weights_fingerprint(source, adapters=()):
+    """Changes when the weights at `source` (a folder or a file) change, or what is merged into them
+    (`adapters`: files and settings, e.g. a LoRA and its weight, or a VAE of its own)."""
     source = os.path.abspath(source)
     paths = [source] if os.path.isfile(source) else sorted(
         os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
     fused = attention_kernel(cache_root()) is not None
-    digest = hashlib.sha256(f"{paddle.__version__} {source} fused attention: {fused}".encode())
+    digest = hashlib.sha256(f"{paddle.__version__} {source} fused attention: {fused} adapters: {list(adapters)}"
+                            .encode())
     for path in TRACED_SOURCES:
         with open(path, "rb") as f:
             digest.update(f.read())
-    for path in paths:
+    for path in paths + [a for a in adapters if os.path.isfile(a)]:
         stat = os.stat(path)
         digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:24]
@@ -71,10 +74,37 @@ def hold_derived_weights(graph):
             layer.hold_kernels()
 
 
+# Self-attention in blocks of queries where the attention operator could not be built, so that a
+# block's scores stay in cache: by UNet level, 16 at full latent size (256 queries each at 512 px), 2 a
+# level down (bench/NOTES.md sections 8, 25: 8 and 32 blocks measured within this machine's noise of
+# 16); 8 in the VAE's attention, at latent size too. Every other attention: one head at a time.
+UNET_SELF_ATTENTION_CHUNKS = {0: 16, 1: 2}
+VAE_ATTENTION_CHUNKS = 8
+
+
+def unet_level(name, levels):
+    """The resolution level (0: full latent size) of the UNet sublayer called `name`."""
+    part, index = name.split(".")[:2]
+    if part == "down_blocks":
+        return int(index)
+    if part == "up_blocks":
+        return levels - 1 - int(index)
+    return levels - 1  # mid_block
+
+
 def use_attention_kernel(graph):
-    """Before tracing: attention as one operator, where it could be built (cpu_attention.py)."""
+    """Before tracing: attention as one operator, where it could be built (cpu/attention.py), else in
+    blocks of queries."""
     kernel = attention_kernel(cache_root())
-    for layer in graph.sublayers(include_self=True):
+    unet = getattr(graph, "unet", None)
+    levels = len(unet.config["block_out_channels"]) if unet is not None else 0
+    for name, layer in graph.named_sublayers(include_self=True):
+        if isinstance(layer, VAEAttention):
+            layer.query_chunks = VAE_ATTENTION_CHUNKS
+        elif unet is not None and name.endswith(".attn1"):
+            layer.query_chunks = UNET_SELF_ATTENTION_CHUNKS.get(unet_level(name[len("unet."):], levels), 1)
+        elif hasattr(layer, "query_chunks"):
+            layer.query_chunks = 1
         if isinstance(layer, (Attention, VAEAttention)):
             layer.kernel = kernel
 
@@ -86,6 +116,18 @@ class UNetGraph(nn.Layer):
 
     def forward(self, sample, time_features, context):
         return self.unet.forward_with_time_features(sample, time_features, context)
+
+
+class VAEEncoderGraph(nn.Layer):
+    """The encoding half of the VAE: images in [-1, 1] -> the latent distribution's moments."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+
+    def forward(self, images):
+        return self.quant_conv(self.encoder(images))
 
 
 class VAEDecoderGraph(nn.Layer):
@@ -128,13 +170,13 @@ def release_parameters(layer):
             param._clear_data()
 
 
-def graph_folder(source):
-    return os.path.join(cache_root(), weights_fingerprint(source))
+def graph_folder(source, adapters=()):
+    return os.path.join(cache_root(), weights_fingerprint(source, adapters))
 
 
-def unet_graph_cached(source):
+def unet_graph_cached(source, adapters=()):
     """Whether the UNet's graph for these weights is saved: then its eager weights need not be loaded."""
-    return os.path.isdir(os.path.join(graph_folder(source), "unet"))
+    return os.path.isdir(os.path.join(graph_folder(source, adapters), "unet"))
 
 
 class CompiledLayer:
@@ -201,12 +243,12 @@ class CompiledLayer:
 
 
 def compile_for_cpu(models, threads):
-    """(text_encoder, unet, vae_decode) callables backed by Paddle Inference; exported on first use per
-    weights. The eager models give their weights up to the graphs, and the VAE's encoder its own too
-    (text-to-image never encodes an image; 0.13 GB): only their configs remain."""
-    key = graph_folder(models.source)
+    """(text_encoder, unet, vae_encode, vae_decode) callables backed by Paddle Inference; exported on
+    first use per weights. The eager models give their weights up to the graphs: only their configs
+    remain. `vae_encode(images)` returns (mean, logvar), as the eager VAE's `encode`."""
+    folder = graph_folder(models.source, models.adapters)
     text_encoder = CompiledLayer(models.text_encoder, [InputSpec([None, None], "int64", "input_ids")],
-                                 os.path.join(key, "text_encoder"), threads, one_shape=False)
+                                 os.path.join(folder, "text_encoder"), threads, one_shape=False)
     cross_dim = models.unet.config["cross_attention_dim"]
     channels = models.unet.config["in_channels"]
     time_dim = models.unet.config["block_out_channels"][0]
@@ -214,15 +256,24 @@ def compile_for_cpu(models, threads):
                           [InputSpec([None, channels, None, None], "float32", "sample"),
                            InputSpec([None, time_dim], "float32", "time_features"),
                            InputSpec([None, None, cross_dim], "float32", "context")],
-                          os.path.join(key, "unet"), threads)
+                          os.path.join(folder, "unet"), threads)
 
     def unet(sample, timestep, context):
         return graph(sample, models.unet.time_features(timestep), context)
 
     unet.graph = graph
 
-    latent = models.vae.config["latent_channels"]
-    decode = CompiledLayer(VAEDecoderGraph(models.vae), [InputSpec([None, latent, None, None], "float32", "latents")],
-                           os.path.join(key, "vae_decoder"), threads)
-    release_parameters(models.vae)
-    return text_encoder, unet, decode
+    vae = models.vae
+    moments = CompiledLayer(VAEEncoderGraph(vae), [InputSpec([None, vae.config["in_channels"], None, None], "float32",
+                                                             "images")],
+                            os.path.join(folder, "vae_encoder"), threads)
+
+    def vae_encode(images):
+        return vae.split_moments(moments(images))
+
+    vae_encode.graph = moments
+    decode = CompiledLayer(VAEDecoderGraph(vae), [InputSpec([None, vae.config["latent_channels"], None, None],
+                                                            "float32", "latents")],
+                           os.path.join(folder, "vae_decoder"), threads)
+    release_parameters(vae)
+    return text_encoder, unet, vae_encode, decode

@@ -1,0 +1,123 @@
+"""Every knob of `generate_image`, its default and its check, written once.
+
+`GenerationOptions` validates on construction, so a request is refused before any work. `hub run`'s
+options (cli.py) and serving's accepted keys (module.py) are derived from its fields. A default of None
+in `MODEL_DEFAULTS`' fields means "the model's own": its native size, and what its folder's
+`generation_defaults.json` says (the demo model's), else SD's usual 50 steps, guidance 7.5 and PLMS.
+"""
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+from typing import Optional
+
+from stable_diffusion.samplers import SAMPLERS
+
+FRAME_DECODERS = ("preview", "vae")
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_BATCH, MAX_STEPS = 64, 1000
+# The knobs a model folder may set for itself (generation_defaults.json), and their values elsewhere.
+MODEL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.5, "sampler": "plms"}
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def knob(default, help, **cli):
+    """A field with its `hub run` help text; `cli` holds argparse settings other than the type."""
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    width_height: Optional[tuple] = knob(
+        None, "image size [width, height], multiples of 8 (default: the model's native size, 512x512 for SD "
+        "v1)", nargs=2, metavar=("W", "H"), type=int)
+    seed: Optional[int] = knob(None, "random seed (default: a random one, recorded in the tags)", type=int)
+    batch_size: int = knob(1, "images per prompt", type=int)
+    num_inference_steps: Optional[int] = knob(
+        None, f"sampling steps (default: the model's, else {MODEL_DEFAULTS['num_inference_steps']})", type=int)
+    guidance_scale: Optional[float] = knob(
+        None, f"classifier-free guidance scale (default: the model's, else {MODEL_DEFAULTS['guidance_scale']}; "
+        "1 or less: the prompt alone)", type=float)
+    negative_prompt: Optional[str] = knob(None, "what the image should not show", type=str)
+    sampler: Optional[str] = knob(None, f"one of {', '.join(SAMPLERS)} (default: the model's, else "
+                                  f"{MODEL_DEFAULTS['sampler']})", type=str)
+    eta: float = knob(0.0, "DDIM noise (0: deterministic)", type=float)
+    display_rate: int = knob(5, "keep a frame every N steps (0: only the final image)", type=int)
+    frame_decoder: str = knob("preview", "frames by 'preview' (a linear map, fast) or 'vae'", type=str)
+    latents: Optional[object] = knob(None, "initial noise [batch_size, 4, H/8, W/8] instead of the seed's")
+    output_dir: Optional[str] = knob("stable_diffusion_out", "where images go (None: save nothing)", type=str)
+    use_gpu: bool = knob(True, "use a GPU when one is visible (True/False or 1/0)", type="bool")
+    enable_fp16: bool = knob(False, "fp16 UNet and text encoder on GPU (True/False or 1/0)", type="bool")
+
+    def __post_init__(self):
+        wh = self.width_height
+        if wh is not None:
+            if not isinstance(wh, (list, tuple)) or len(wh) != 2 or not all(_is_int(v) for v in wh):
+                raise ValueError(f"width_height must be two integers [width, height], got {wh!r}")
+            for side in wh:
+                if side % 8 or not MIN_SIDE <= side <= MAX_SIDE:
+                    raise ValueError(f"width and height must be multiples of 8 between {MIN_SIDE} and {MAX_SIDE}, "
+                                     f"got {list(wh)}; try {[min(max(v // 8 * 8, MIN_SIDE), MAX_SIDE) for v in wh]}")
+            object.__setattr__(self, "width_height", tuple(wh))
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2 ** 32):
+            raise ValueError(f"seed must be an integer from 0 to 2**32-1, or None for a random one; got {self.seed!r}")
+        if not _is_int(self.batch_size) or not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be an integer from 1 to {MAX_BATCH}, got {self.batch_size!r}")
+        steps = self.num_inference_steps
+        if steps is not None and (not _is_int(steps) or not 1 <= steps <= MAX_STEPS):
+            raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        guidance = self.guidance_scale
+        if guidance is not None and (not _is_number(guidance) or not 0 <= guidance <= 100):
+            raise ValueError(f"guidance_scale must be a number from 0 to 100 (7.5 is typical), got {guidance!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not _is_number(self.eta) or not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be a number from 0 to 1 (used by the ddim sampler), got {self.eta!r}")
+        if not _is_int(self.display_rate) or self.display_rate < 0:
+            raise ValueError(f"display_rate must be an integer >= 0 (0: no intermediate frames), "
+                             f"got {self.display_rate!r}")
+        if self.output_dir is not None and (not isinstance(self.output_dir, str) or not self.output_dir):
+            raise ValueError(f"output_dir must be a folder path, or None to save nothing; got {self.output_dir!r}")
+        if self.frame_decoder not in FRAME_DECODERS:
+            raise ValueError(f"frame_decoder must be one of {FRAME_DECODERS}, got {self.frame_decoder!r}")
+
+    def with_model_defaults(self, native_size, model_defaults):
+        """The options with every None that means "the model's" filled in."""
+        filled = {name: model_defaults.get(name, value) for name, value in MODEL_DEFAULTS.items()
+                  if getattr(self, name) is None}
+        if self.width_height is None:
+            filled["width_height"] = tuple(native_size)
+        return dataclasses.replace(self, **filled)
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(GenerationOptions))
+DEFAULTS = GenerationOptions()
+
+
+def build_prompts(text_prompts, style=None, artist=None):
+    """The original module's prompt assembly: trailing punctuation dropped, style and artist appended."""
+    prompts = [text_prompts] if isinstance(text_prompts, str) else text_prompts
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("text_prompts must be a non-empty string or a non-empty list of strings")
+    for value, name in ((style, "style"), (artist, "artist")):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string or None, got {type(value).__name__}")
+    built = []
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"every text prompt must be a non-empty string, got {prompt!r}")
+        prompt = prompt.rstrip(",.，。")
+        if style:
+            prompt += f",{style}"
+        if artist:
+            prompt += f",{artist},trending on artstation"
+        built.append(prompt)
+    return built

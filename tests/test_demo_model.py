@@ -1,0 +1,88 @@
+"""The shipped demo model: loaded by the same code as any SD checkpoint, and its pictures show what the
+prompt names (retrieval among every emoji it was trained on, tools/emoji_retrieval.py)."""
+import os
+
+import numpy as np
+import pytest
+
+from stable_diffusion.loading import load_models, resolve_source
+from stable_diffusion.loading.sources import DEMO_MODEL_DIR
+from stable_diffusion.module import StableDiffusion
+from stable_diffusion.pipeline import StableDiffusionPipeline
+from tools.emoji_retrieval import load_references, rank_of
+
+REFERENCES = os.path.join(os.path.dirname(__file__), "data", "emoji_thumbnails.npz")
+# Named emoji the CI checks; bench/demo_quality.py measures 56.
+NAMED = ["red apple", "rocket", "pineapple", "watermelon", "snowman", "sunflower"]
+
+
+@pytest.fixture(scope="module")
+def references():
+    return load_references(REFERENCES)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return StableDiffusion(model="demo")
+
+
+def picture(module, prompt, seed, **options):
+    document = module.generate_image(prompt, seed=seed, output_dir=None, display_rate=0, use_gpu=False, **options)
+    return document[0].chunks[0].load_uri_to_image_tensor().tensor
+
+
+def test_the_demo_model_is_a_small_stable_diffusion_in_a_diffusers_folder():
+    assert resolve_source("demo") == DEMO_MODEL_DIR
+    size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(DEMO_MODEL_DIR)
+               for name in names)
+    assert size <= 30 * 2 ** 20
+    assert os.path.isfile(os.path.join(DEMO_MODEL_DIR, "LICENSE.md"))
+    models = load_models("demo")
+    assert models.unet.config["block_out_channels"] == [32, 64, 128]
+    assert models.vae.downsampling_factor == 4 and models.text_encoder.config["hidden_size"] == 128
+    pipeline = StableDiffusionPipeline(models, engine="eager")
+    assert pipeline.native_size == (64, 64)
+
+
+def test_defaults_come_from_the_model_folder(demo):
+    document = demo.generate_image("red apple", seed=0, output_dir=None, display_rate=0, use_gpu=False)[0]
+    tags = document.chunks[0].tags
+    image = document.chunks[0].load_uri_to_image_tensor().tensor
+    assert image.shape == (64, 64, 3)
+    from stable_diffusion.text_to_image import read_generation_defaults
+    defaults = read_generation_defaults(DEMO_MODEL_DIR)
+    assert tags["steps"] == defaults["num_inference_steps"] and tags["sampler"] == defaults["sampler"]
+    assert tags["guidance_scale"] == defaults["guidance_scale"]
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_a_named_emoji_is_drawn(demo, references, name):
+    names, thumbnails = references
+    rank = rank_of(picture(demo, name, seed=NAMED.index(name)), thumbnails, names.index(name))
+    print(f"{name}: rank {rank + 1} of {len(names)}")
+    assert rank < 5, f"{name!r} drew a picture whose nearest emoji leaves it at rank {rank + 1} of {len(names)}"
+
+
+def test_without_the_prompt_the_named_emoji_are_not_drawn(demo, references):
+    """The control for the test above: the same seeds with the prompt's embeddings replaced by the
+    empty prompt's leave the named emoji far down the ranking."""
+    names, thumbnails = references
+    from stable_diffusion.text_to_image import read_generation_defaults
+    pipeline = demo.text_to_image.load_pipeline(False, False)
+    empty = pipeline.encode_text([""])
+    hits = 0
+    for seed, name in enumerate(NAMED):
+        images, _ = pipeline(prompt_embeds=empty, negative_prompt_embeds=empty, height=64, width=64, seed=seed,
+                             progress=False, **read_generation_defaults(DEMO_MODEL_DIR))
+        hits += rank_of(images[0], thumbnails, names.index(name)) < 5
+    assert hits <= 1
+
+
+def test_precomputed_prompt_embeddings_give_the_prompts_picture(demo):
+    pipeline = demo.text_to_image.load_pipeline(False, False)
+    options = dict(height=64, width=64, num_inference_steps=4, guidance_scale=5.0, sampler="ddim", seed=3,
+                   progress=False)
+    from_text, _ = pipeline("rocket", **options)
+    prompt_embeds, negative = pipeline.encode_prompt("rocket", "", guided=True)
+    from_embeddings, _ = pipeline(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, **options)
+    np.testing.assert_array_equal(from_text, from_embeddings)
