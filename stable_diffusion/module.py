@@ -5,6 +5,7 @@ import paddle
 from paddlehub.module.module import RunModule, moduleinfo, runnable, serving
 
 from stable_diffusion.cli import RunFromClassOrInstance, parse_arguments
+from stable_diffusion.images import decode_base64_image
 from stable_diffusion.options import DEFAULTS
 from stable_diffusion.text_to_image import MODEL_ENV_VAR, SERVING_KEYS, TextToImage
 
@@ -29,16 +30,19 @@ class StableDiffusion(RunModule):
                        num_inference_steps=DEFAULTS.num_inference_steps, guidance_scale=DEFAULTS.guidance_scale,
                        negative_prompt=DEFAULTS.negative_prompt, sampler=DEFAULTS.sampler, eta=DEFAULTS.eta,
                        display_rate=DEFAULTS.display_rate, latents=DEFAULTS.latents, use_gpu=DEFAULTS.use_gpu,
-                       enable_fp16=DEFAULTS.enable_fp16, frame_decoder=DEFAULTS.frame_decoder):
+                       enable_fp16=DEFAULTS.enable_fp16, frame_decoder=DEFAULTS.frame_decoder,
+                       init_image=DEFAULTS.init_image, strength=DEFAULTS.strength, mask_image=DEFAULTS.mask_image):
         """Text to images, returned as a docarray DocumentArray; see the module README for each argument.
-        None for width_height, num_inference_steps, guidance_scale or sampler: the model's own."""
+        None for width_height, num_inference_steps, guidance_scale or sampler: the model's own.
+        init_image (a path, PIL image or uint8 array): image-to-image, `strength` of it repainted;
+        with mask_image (white repainted, black kept): inpainting."""
         paddle.disable_static()
         return self.text_to_image.generate_image(
             text_prompts, style=style, artist=artist, width_height=width_height, seed=seed,
             batch_size=batch_size, output_dir=output_dir, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, negative_prompt=negative_prompt, sampler=sampler, eta=eta,
             display_rate=display_rate, latents=latents, use_gpu=use_gpu, enable_fp16=enable_fp16,
-            frame_decoder=frame_decoder)
+            frame_decoder=frame_decoder, init_image=init_image, strength=strength, mask_image=mask_image)
 
     _run_func = RunFromClassOrInstance()
 
@@ -67,4 +71,7 @@ class StableDiffusion(RunModule):
             raise ValueError(f"unknown parameters {unknown}; accepted: {', '.join(SERVING_KEYS)}")
         if text_prompts is None:
             raise ValueError("the request body needs text_prompts (a string or a list of strings)")
+        for name in ("init_image", "mask_image"):  # base64 here: a client never names a server file
+            if kwargs.get(name) is not None:
+                kwargs[name] = decode_base64_image(kwargs[name], name)
         return self.generate_image(text_prompts=text_prompts, output_dir=None, **kwargs).to_base64()

@@ -10,6 +10,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
+from stable_diffusion.images import read_image
 from stable_diffusion.samplers import SAMPLERS
 
 FRAME_DECODERS = ("preview", "vae")
@@ -52,6 +53,13 @@ class GenerationOptions:
     frame_decoder: str = knob("preview", "frames by 'preview' (a linear map, fast) or 'vae'", type=str)
     latents: Optional[object] = knob(None, "initial noise [batch_size, 4, H/8, W/8] instead of the seed's")
     output_dir: Optional[str] = knob("stable_diffusion_out", "where images go (None: save nothing)", type=str)
+    init_image: Optional[object] = knob(
+        None, "image-to-image: the starting picture (a file); its size rounded down to a multiple of 8 "
+        "unless --width_height is given", type=str)
+    strength: float = knob(0.8, "image-to-image: how much of the picture is repainted, (0, 1] (1: all of it)",
+                           type=float)
+    mask_image: Optional[object] = knob(
+        None, "inpainting: a mask of init_image's size (a file); white is repainted, black kept", type=str)
     use_gpu: bool = knob(True, "use a GPU when one is visible (True/False or 1/0)", type="bool")
     enable_fp16: bool = knob(False, "fp16 UNet and text encoder on GPU (True/False or 1/0)", type="bool")
 
@@ -88,12 +96,33 @@ class GenerationOptions:
             raise ValueError(f"output_dir must be a folder path, or None to save nothing; got {self.output_dir!r}")
         if self.frame_decoder not in FRAME_DECODERS:
             raise ValueError(f"frame_decoder must be one of {FRAME_DECODERS}, got {self.frame_decoder!r}")
+        if not _is_number(self.strength) or not 0 < self.strength <= 1:
+            raise ValueError(f"strength must be a number in (0, 1] (1 repaints everything), got {self.strength!r}")
+        if self.init_image is not None:
+            image = read_image(self.init_image, "init_image", "RGB")
+            height, width = image.shape[:2]
+            if wh is None and (max(width, height) // 8 * 8 > MAX_SIDE or min(width, height) // 8 * 8 < MIN_SIDE):
+                raise ValueError(f"init_image is {width}x{height}: each side must be from {MIN_SIDE} to {MAX_SIDE} px "
+                                 "(rounded down to a multiple of 8); resize it or give width_height")
+            object.__setattr__(self, "init_image", image)
+        if self.mask_image is not None:
+            if self.init_image is None:
+                raise ValueError("mask_image needs an init_image: the picture whose masked part is repainted")
+            mask = read_image(self.mask_image, "mask_image", "L")
+            if mask.shape != self.init_image.shape[:2]:
+                raise ValueError(f"mask_image is {mask.shape[1]}x{mask.shape[0]} but init_image is "
+                                 f"{self.init_image.shape[1]}x{self.init_image.shape[0]}: give a mask of the "
+                                 "image's size")
+            object.__setattr__(self, "mask_image", mask)
 
     def with_model_defaults(self, native_size, model_defaults):
         """The options with every None that means "the model's" filled in."""
         filled = {name: model_defaults.get(name, value) for name, value in MODEL_DEFAULTS.items()
                   if getattr(self, name) is None}
-        if self.width_height is None:
+        if self.width_height is None and self.init_image is not None:
+            height, width = self.init_image.shape[:2]
+            filled["width_height"] = (width // 8 * 8, height // 8 * 8)
+        elif self.width_height is None:
             filled["width_height"] = tuple(native_size)
         return dataclasses.replace(self, **filled)
 

@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from stable_diffusion.images import binarized_mask, to_model_range
 from stable_diffusion.loading import load_models, resolve_source
 from stable_diffusion.samplers import make_sampler
 
@@ -47,9 +48,20 @@ def to_uint8(images):
     return (images * 255).round().astype(np.uint8)
 
 
+class Inpainting:
+    """What the denoising loop needs to inpaint. A 9-channel (inpainting) UNet is given the mask and
+    the masked picture's latents beside its input (`unet_extra`); a 4-channel one gets the known region
+    blended back at every step, noised to the next step's level (`image_latents`, `noise`), as diffusers'
+    Inpaint pipeline does for each kind."""
+
+    def __init__(self, mask, unet_extra=None, image_latents=None, noise=None):
+        self.mask, self.unet_extra, self.image_latents, self.noise = mask, unet_extra, image_latents, noise
+
+
 class StableDiffusionPipeline:
     """Text to image in four phases, each callable alone: `encode_prompt` -> `prepare_latents` ->
     `denoise` -> `decode`; `__call__` runs them in turn and takes precomputed prompt embeddings.
+    Image-to-image and inpainting start from `encode_image`'s latents instead of noise alone.
 
     engine: 'eager' runs the Paddle layers as they are; 'inference' (CPU only) runs the text encoder,
     UNet and VAE decoder as Paddle Inference graphs with oneDNN, several times faster (cpu/)."""
@@ -86,6 +98,11 @@ class StableDiffusionPipeline:
         return self.models.vae.config["latent_channels"]
 
     @property
+    def is_inpainting_model(self):
+        """A UNet whose input is the latents, the mask and the masked picture's latents (4 + 1 + 4)."""
+        return self.models.unet.config["in_channels"] == 2 * self.latent_channels + 1
+
+    @property
     def vae_factor(self):
         return self.models.vae.downsampling_factor
 
@@ -117,8 +134,47 @@ class StableDiffusionPipeline:
         return paddle.to_tensor(np.asarray(latents, np.float32) * float(sampler.init_noise_sigma))
 
     @paddle.no_grad()
+    def encode_image(self, pixels, rng):
+        """Pixels in [-1, 1], float32 [1, 3, H, W] -> scaled latents [1, C, H/f, W/f], sampled from the
+        VAE's latent distribution with `rng` (diffusers' `latent_dist.sample(generator)`)."""
+        mean, logvar = self.vae_encode(paddle.to_tensor(pixels))
+        eps = rng.standard_normal(mean.shape, dtype=np.float32)
+        sample = mean.numpy() + np.exp(0.5 * logvar.numpy()) * eps
+        return paddle.to_tensor(sample.astype(np.float32) * float(self.models.vae.scaling_factor))
+
+    def prepare_image_latents(self, shape, sampler, steps, rng, image, strength, mask=None):
+        """Image-to-image (and inpainting): skip the first of the `steps` that `strength` leaves out
+        (PLMS's extra model call not counted, as in diffusers), then noise the picture's latents to the
+        first remaining step. Returns (latents, Inpainting or None)."""
+        skipped = steps - min(int(steps * strength), steps)
+        if skipped >= steps:
+            raise ValueError(f"strength {strength} x {steps} steps leaves no step to run: raise strength or "
+                             "num_inference_steps")
+        sampler.skip_steps(skipped)
+        if mask is None:
+            image_latents = paddle.concat([self.encode_image(to_model_range(image), rng)] * shape[0])
+            noise = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+            return sampler.add_noise(image_latents, noise, 0), None
+        mask = binarized_mask(mask)
+        from_pure_noise = strength == 1.0
+        image_latents = None
+        if not self.is_inpainting_model or not from_pure_noise:
+            image_latents = paddle.concat([self.encode_image(to_model_range(image), rng)] * shape[0])
+        noise = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+        if from_pure_noise:
+            latents = noise * float(sampler.init_noise_sigma)
+        else:
+            latents = sampler.add_noise(image_latents, noise, 0)
+        factor = self.vae_factor
+        latent_mask = paddle.to_tensor(np.repeat(mask[:, :, ::factor, ::factor], shape[0], axis=0))
+        if not self.is_inpainting_model:
+            return latents, Inpainting(latent_mask, image_latents=image_latents, noise=noise)
+        masked_latents = paddle.concat([self.encode_image(to_model_range(image) * (mask < 0.5), rng)] * shape[0])
+        return latents, Inpainting(latent_mask, unet_extra=paddle.concat([latent_mask, masked_latents], axis=1))
+
+    @paddle.no_grad()
     def denoise(self, latents, prompt_embeds, negative_prompt_embeds, sampler, guidance_scale, rng,
-                display_rate=0, frame_decoder="preview", progress=True):
+                display_rate=0, frame_decoder="preview", progress=True, inpainting=None):
         """The sampling loop; guided when negative_prompt_embeds is given. Returns (latents, frames:
         list of (step, uint8 images)), a frame every `display_rate` steps before the last."""
         batch_size = latents.shape[0]
@@ -129,6 +185,8 @@ class StableDiffusionPipeline:
         steps = sampler.timesteps
         for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling")):
             model_input = sampler.scale_model_input(latents, i)
+            if inpainting is not None and inpainting.unet_extra is not None:
+                model_input = paddle.concat([model_input, inpainting.unet_extra], axis=1)
             if guided:
                 model_input = paddle.concat([model_input, model_input])
             noise_pred = self.unet(model_input.astype(self.dtype), float(t), context).astype("float32")
@@ -139,6 +197,11 @@ class StableDiffusionPipeline:
             if sampler.needs_noise:
                 noise = paddle.to_tensor(rng.standard_normal(latents.shape, dtype=np.float32))
             latents = sampler.step(noise_pred, i, latents, noise)
+            if inpainting is not None and inpainting.image_latents is not None:
+                known = inpainting.image_latents
+                if i + 1 < len(steps):
+                    known = sampler.add_noise(known, inpainting.noise, i + 1)
+                latents = (1 - inpainting.mask) * known + inpainting.mask * latents
             if display_rate and (i + 1) % display_rate == 0 and i + 1 < len(steps):
                 frames.append((i + 1, self.decode(latents) if frame_decoder == "vae" else self.preview(latents)))
         return latents, frames
@@ -159,13 +222,24 @@ class StableDiffusionPipeline:
     def __call__(self, prompt=None, *, negative_prompt="", height=512, width=512, batch_size=1,
                  num_inference_steps=50, guidance_scale=7.5, sampler="plms", eta=0.0, seed=0,
                  latents=None, display_rate=0, frame_decoder="preview", progress=True,
-                 prompt_embeds=None, negative_prompt_embeds=None):
+                 prompt_embeds=None, negative_prompt_embeds=None, init_image=None, strength=0.8, mask=None):
         """Returns (final uint8 images [B, H, W, 3], frames: list of (step, uint8 images)), the final
         images last. `prompt_embeds` / `negative_prompt_embeds` ([1, L, D]) stand in for the texts.
-        Randomness comes from `seed` alone: the initial noise, then each step's noise."""
+        `init_image` (uint8 [height, width, 3]): image-to-image from it, `strength` of the steps run;
+        with `mask` (uint8 [height, width], white repainted), inpainting.
+        Randomness comes from `seed` alone: the picture's latent sample, the initial noise, each step's."""
+        if self.is_inpainting_model and (init_image is None or mask is None):
+            raise ValueError("this is an inpainting checkpoint (its UNet takes a mask): give init_image and "
+                             "mask_image, or use an ordinary checkpoint for text-to-image")
         rng = np.random.default_rng(seed)
         scheduler = make_sampler(sampler, self.models.scheduler_config, num_inference_steps, eta)
-        latents = self.prepare_latents(self.latent_shape(batch_size, height, width), scheduler, rng, latents)
+        shape = self.latent_shape(batch_size, height, width)
+        inpainting = None
+        if init_image is not None:
+            latents, inpainting = self.prepare_image_latents(shape, scheduler, num_inference_steps, rng, init_image,
+                                                              strength, mask)
+        else:
+            latents = self.prepare_latents(shape, scheduler, rng, latents)
         guided = guidance_scale > 1.0
         if prompt_embeds is None:
             prompt_embeds, encoded_negative = self.encode_prompt(prompt, negative_prompt, guided)
@@ -175,7 +249,7 @@ class StableDiffusionPipeline:
         if not guided:
             negative_prompt_embeds = None
         latents, frames = self.denoise(latents, prompt_embeds, negative_prompt_embeds, scheduler, guidance_scale,
-                                       rng, display_rate, frame_decoder, progress)
+                                       rng, display_rate, frame_decoder, progress, inpainting)
         images = self.decode(latents)
         frames.append((len(scheduler.timesteps), images))
         return images, frames

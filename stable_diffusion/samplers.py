@@ -74,6 +74,11 @@ class Sampler:
         alpha_prod = float(self.alphas_cumprod[int(self.timesteps[i])])
         return alpha_prod ** 0.5 * x0 + (1 - alpha_prod) ** 0.5 * noise
 
+    def skip_steps(self, count):
+        """Start `count` steps into the schedule (image-to-image): step 0 is then what was step `count`,
+        as diffusers' pipelines slice `timesteps` and set the scheduler's begin index."""
+        self.timesteps = self.timesteps[count:]
+
 
 class PLMS(Sampler):
     """PNDM with skip_prk_steps (PLMS): linear multistep over the last four noise predictions."""
@@ -165,6 +170,10 @@ class Euler(Sampler):
     def add_noise(self, x0, noise, i):
         return x0 + float(self.sigmas[i]) * noise
 
+    def skip_steps(self, count):
+        super().skip_steps(count)
+        self.sigmas = self.sigmas[count:]
+
     def step(self, model_output, i, sample, noise=None):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if self.prediction_type == "epsilon":
@@ -205,6 +214,10 @@ class DPMSolverPP2M(Sampler):
     def add_noise(self, x0, noise, i):
         alpha, sigma, _ = self.alpha_sigma_lambda(float(self.sigmas[i]))
         return alpha * x0 + sigma * noise
+
+    def skip_steps(self, count):
+        super().skip_steps(count)
+        self.sigmas = self.sigmas[count:]
 
     @staticmethod
     def alpha_sigma_lambda(sigma):

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 from docarray import DocumentArray
 
+from stable_diffusion.images import resized
 from stable_diffusion.loading import DEFAULT_MODEL
 from stable_diffusion.options import MODEL_DEFAULTS, GenerationOptions, build_prompts
 from stable_diffusion.pipeline import ENGINES, StableDiffusionPipeline, select_device
@@ -78,10 +79,16 @@ class TextToImage:
             if latents.shape != expected:
                 raise ValueError(f"latents must have shape {list(expected)} for batch_size={opts.batch_size} at "
                                  f"{width}x{height}, got {list(latents.shape)}")
+        init_image = mask = None
+        if opts.init_image is not None:
+            init_image = resized(opts.init_image, width, height)
+            mask = None if opts.mask_image is None else resized(opts.mask_image, width, height)
         seed = secrets.randbelow(2 ** 32) if opts.seed is None else int(opts.seed)
         tags = {"seed": seed, "steps": opts.num_inference_steps, "sampler": opts.sampler,
                 "guidance_scale": float(opts.guidance_scale), "negative_prompt": opts.negative_prompt or "",
                 "width": width, "height": height}
+        if init_image is not None:
+            tags.update(strength=float(opts.strength), mask=mask is not None)
         documents = DocumentArray()
         for prompt in prompts:
             images, frames = pipeline(
@@ -89,7 +96,7 @@ class TextToImage:
                 batch_size=opts.batch_size, num_inference_steps=opts.num_inference_steps,
                 guidance_scale=float(opts.guidance_scale), sampler=opts.sampler, eta=float(opts.eta), seed=seed,
                 latents=latents, display_rate=opts.display_rate, frame_decoder=opts.frame_decoder,
-                progress=progress)
+                progress=progress, init_image=init_image, strength=float(opts.strength), mask=mask)
             documents.append(build_prompt_document(prompt, images, frames, tags, opts.output_dir))
         return documents
 

@@ -60,6 +60,20 @@ def test_hub_run_a_module_folder_with_use_gpu_as_the_original_module_spells_it(h
     assert "expected True, False, 1 or 0, got 'maybe'" in output
 
 
+def test_hub_run_image_to_image_and_inpainting_from_files(hub_env, tmp_path):
+    from PIL import Image
+    start, mask = tmp_path / "start.png", tmp_path / "mask.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 72, 3)) * 255).astype(np.uint8)).save(start)
+    Image.fromarray(np.tile(np.uint8([0, 255]).repeat(36), (64, 1))).save(mask)
+    out = tmp_path / "out"
+    code, output = hub("run", "stable_diffusion", "--text_prompts", "a boat", "--output_dir", str(out),
+                       "--init_image", str(start), "--strength", "0.6", "--num_inference_steps", "3",
+                       "--mask_image", str(mask), "--use_gpu", "0", env=hub_env)
+    assert code == 0 and "Traceback" not in output, output
+    (name,) = os.listdir(out)
+    assert Image.open(out / name).size == (72, 64)
+
+
 def test_hub_run_help_lists_arguments(hub_env):
     code, output = hub("run", "stable_diffusion", "--help", env=hub_env)
     for option in ("--text_prompts", "--negative_prompt", "--sampler", "--prompts_file", "--model"):
@@ -138,6 +152,22 @@ def test_serving_answers_refuses_and_answers_again(server):
 
     status, answer = post(server, {**GOOD, "seed": 10})
     assert answer["status"] == "000"
+
+    import base64
+    import io
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(first).save(buffer, format="PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+    status, answer = post(server, {**GOOD, "init_image": "data:image/png;base64," + png, "strength": 0.5})
+    assert answer["status"] == "000", answer
+    assert DocumentArray.from_base64(answer["results"])[0].chunks[0].tags["strength"] == 0.5
+    status, answer = post(server, {**GOOD, "init_image": "not base64 at all!"})
+    assert answer["status"] != "000" and "init_image is not valid base64" in answer["msg"], answer
+    status, answer = post(server, {**GOOD, "init_image": base64.b64encode(b"no picture").decode()})
+    assert answer["status"] != "000" and "init_image is not an image" in answer["msg"], answer
+    status, answer = post(server, {**GOOD, "init_image": "/etc/passwd"})
+    assert answer["status"] != "000", answer  # a path is not base64 here: the server reads no client-named file
     status, answer = post(server, GOOD)
     assert answer["status"] == "000"
     np.testing.assert_array_equal(image_of(answer["results"]), first)  # same seed, same image
