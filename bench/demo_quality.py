@@ -21,19 +21,9 @@ from PIL import Image, ImageDraw
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from tools.emoji_retrieval import load_references, rank_of  # noqa: E402
+from tools.emoji_retrieval import PROMPTS, load_references, rank_of  # noqa: E402
 
 REFERENCES = os.path.join(HERE, "..", "tests", "data", "emoji_thumbnails.npz")
-PROMPTS = [
-    "red apple", "dog face", "rocket", "pineapple", "banana", "grapes", "watermelon", "cat face", "fire",
-    "snowman", "hot beverage", "slice of pizza", "hamburger", "strawberry", "cherries", "lemon", "tangerine",
-    "carrot", "broccoli", "mushroom", "hot pepper", "avocado", "cookie", "doughnut", "birthday cake",
-    "crab", "octopus", "turtle", "butterfly", "honeybee", "tropical fish", "penguin", "frog face",
-    "tiger face", "panda face", "sunflower", "cactus", "palm tree", "four leaf clover", "rainbow",
-    "snowflake", "soccer ball", "basketball and hoop", "trophy", "guitar", "alarm clock", "key", "bicycle",
-    "automobile", "airplane", "sailboat", "heavy black heart", "pile of poo", "ghost", "robot face",
-    "thumbs up sign",
-]
 
 
 def labelled(image, text, scale):

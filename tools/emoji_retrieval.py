@@ -8,6 +8,17 @@ shrunk to 16x16 colour pixels; every reference emoji is ranked by Euclidean dist
 import numpy as np
 from PIL import Image
 
+# The fixed list bench/demo_quality.py measures, each generated with its index as the seed.
+PROMPTS = [
+    "red apple", "dog face", "rocket", "pineapple", "banana", "grapes", "watermelon", "cat face", "fire",
+    "snowman", "hot beverage", "slice of pizza", "hamburger", "strawberry", "cherries", "lemon", "tangerine",
+    "carrot", "broccoli", "mushroom", "hot pepper", "avocado", "cookie", "doughnut", "birthday cake",
+    "crab", "octopus", "turtle", "butterfly", "honeybee", "tropical fish", "penguin", "frog face",
+    "tiger face", "panda face", "sunflower", "cactus", "palm tree", "four leaf clover", "rainbow",
+    "snowflake", "soccer ball", "basketball and hoop", "trophy", "guitar", "alarm clock", "key", "bicycle",
+    "automobile", "airplane", "sailboat", "heavy black heart", "pile of poo", "ghost", "robot face",
+    "thumbs up sign",
+]
 THUMBNAIL = 16
 WHITE_LEVEL = 245  # a pixel with every channel above this is background
 
