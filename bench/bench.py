@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 
 def sd15_config(component):
-    """stable_diffusion/configs/<component>.json, read without importing Paddle (weights.default_config
+    """stable_diffusion/loading/configs/<component>.json, read without importing Paddle (its default_config
     would): this process must not set OMP_NUM_THREADS, and a GPU machine may have diffusers alone."""
-    with open(os.path.join(HERE, "..", "stable_diffusion", "configs", f"{component}.json")) as f:
+    with open(os.path.join(HERE, "..", "stable_diffusion", "loading", "configs", f"{component}.json")) as f:
         return json.load(f)
 
 

@@ -149,6 +149,22 @@ def test_inpainting_matches_diffusers(ours, sd1_reference, inpainting_reference,
     compare(images, to_uint8(expected), f"inpainting {kind} {engine} strength {strength}")
 
 
+def test_a_single_file_inpainting_checkpoint_is_told_by_its_unet_input(tmp_path, inpainting_reference):
+    from safetensors.torch import save_file
+    from stable_diffusion.loading import load_single_file
+    path = str(tmp_path / "sd-inpainting.safetensors")
+    save_file(reference.compvis_state_dict(inpainting_reference), path)
+    models = load_single_file(path, configs={**reference.TINY["sd1"], "scheduler": None})  # configs of 4 channels
+    assert models.unet.config["in_channels"] == 9
+    import paddle
+    sample = np.random.default_rng(1).standard_normal((2, 1, 9, 8, 8)).astype(np.float32)
+    context = np.random.default_rng(2).standard_normal((1, 77, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = inpainting_reference["unet"](torch.from_numpy(sample[0]), 300, torch.from_numpy(context)).sample
+    got = models.unet(paddle.to_tensor(sample[0]), 300.0, paddle.to_tensor(context)).numpy()
+    assert reference.max_relative_error(got, expected.numpy()) < 1e-4
+
+
 def test_an_inpainting_checkpoint_needs_a_mask(ours):
     with pytest.raises(ValueError, match="inpainting checkpoint"):
         ours["inpainting", "eager"](PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, progress=False)

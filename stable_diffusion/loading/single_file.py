@@ -123,6 +123,11 @@ def load_single_file(path, dtype="float32", configs=None, skip_weights=()):
     """A CompVis-layout `.safetensors`/`.ckpt`; `configs` overrides the SD v1 configs per component."""
     configs = {c: (configs or {}).get(c) or default_config(c) for c in (*MODEL_CLASSES, "scheduler")}
     state = read_state_dict(path)
+    # An inpainting checkpoint (the community's "-inpainting" files) differs only in its UNet's input
+    # channels: latents, mask and the masked picture's latents, 4 + 1 + 4.
+    conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != configs["unet"].get("in_channels", 4):
+        configs["unet"] = {**configs["unet"], "in_channels": int(conv_in.shape[1])}
     parts = split_compvis_state_dict(state, configs["unet"], configs["vae"], path)
     models = {c: build_model(c, configs[c], None if c in skip_weights else parts[c], f"{path} ({c})", dtype)
               for c in MODEL_CLASSES}
