@@ -1,9 +1,9 @@
 """Every knob of `generate_image`, its default and its check, written once.
 
 `GenerationOptions` validates on construction, so a request is refused before any work. `hub run`'s
-options (cli.py) and serving's accepted keys (module.py) are derived from its fields. A default of None
-in `MODEL_DEFAULTS`' fields means "the model's own": its native size, and what its folder's
-`generation_defaults.json` says (the demo model's), else SD's usual 50 steps, guidance 7.5 and PLMS.
+options (cli.py) and serving's accepted keys (text_to_image.py) are derived from its fields. None for
+width_height means the model's native size (or the init image's); None for a knob in MODEL_DEFAULTS
+means what the model folder's `generation_defaults.json` says (the demo model's), else MODEL_DEFAULTS.
 """
 import dataclasses
 import numbers
@@ -51,7 +51,8 @@ class GenerationOptions:
     eta: float = knob(0.0, "DDIM noise (0: deterministic)", type=float)
     display_rate: int = knob(5, "keep a frame every N steps (0: only the final image)", type=int)
     frame_decoder: str = knob("preview", "frames by 'preview' (a linear map, fast) or 'vae'", type=str)
-    latents: Optional[object] = knob(None, "initial noise [batch_size, 4, H/8, W/8] instead of the seed's")
+    latents: Optional[object] = knob(None, "initial noise [batch_size, 4, H/f, W/f] (f: the VAE's factor, 8 for SD) "
+                                        "instead of the seed's")
     output_dir: Optional[str] = knob("stable_diffusion_out", "where images go (None: save nothing)", type=str)
     init_image: Optional[object] = knob(
         None, "image-to-image: the starting picture (a file); its size rounded down to a multiple of 8 "

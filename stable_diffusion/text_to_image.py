@@ -29,8 +29,11 @@ def read_generation_defaults(source):
     path = os.path.join(source, GENERATION_DEFAULTS_FILE)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        values = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): fix or delete it") from None
     unknown = sorted(set(values) - set(MODEL_DEFAULTS))
     if unknown:
         raise ValueError(f"{path} sets {unknown}; a model folder may set only {sorted(MODEL_DEFAULTS)}")
