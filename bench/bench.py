@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+import numpy
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -68,9 +70,23 @@ def export_graphs(folder, engine):
     print(json.dumps({"cached": cached}))
 
 
+def init_image(size):
+    """The picture the image-to-image rows start from: a smooth colour gradient, the same for both."""
+    ramp = numpy.linspace(0, 255, size, dtype=numpy.float32)
+    return numpy.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1),
+                        numpy.full((size, size), 128.0, numpy.float32)], axis=-1).astype(numpy.uint8)
+
+
+def image_to_image_row(size, steps):
+    """Strength 0.5 of 2 x steps: the same number of UNet steps as the whole-image row, plus the VAE
+    encoder, so the two rows' difference is what an image-to-image call costs more."""
+    return f"image-to-image, {size} px, {2 * steps} steps x strength 0.5"
+
+
 def ours_rows(folder, sizes, steps_by_size, engine, fp16):
     """(device, seconds to load, {row: (callable, warm up first)}, peak memory in MiB as a callable)"""
     import paddle
+    from stable_diffusion.images import to_model_range
     from stable_diffusion.pipeline import StableDiffusionPipeline, select_device
     device = select_device(use_gpu=True)
     if fp16 and device == "cpu":
@@ -91,7 +107,12 @@ def ours_rows(folder, sizes, steps_by_size, engine, fp16):
             f"preview frame (no VAE), {size} px": (lambda latents=latents: pipe.preview(latents[:1]), True),
             f"whole image, {size} px, {steps} steps": (lambda size=size, steps=steps: pipe(
                 "a photo of a cat", height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
-                sampler="ddim", seed=0, progress=False), False)})
+                sampler="ddim", seed=0, progress=False), False),
+            f"VAE encode, {size} px": (lambda size=size: pipe.encode_image(
+                to_model_range(init_image(size)), numpy.random.default_rng(0)).numpy(), True),
+            image_to_image_row(size, steps): (lambda size=size, steps=steps: pipe(
+                "a photo of a cat", height=size, width=size, num_inference_steps=2 * steps, guidance_scale=7.5,
+                sampler="ddim", seed=0, progress=False, init_image=init_image(size), strength=0.5), False)})
     if device == "gpu":
         return device, load_seconds, rows, lambda: paddle.device.cuda.max_memory_allocated() / 2**20
     return device, load_seconds, rows, peak_rss_mib
@@ -99,7 +120,7 @@ def ours_rows(folder, sizes, steps_by_size, engine, fp16):
 
 def diffusers_rows(folder, sizes, steps_by_size, engine, fp16):
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if fp16 else torch.float32
@@ -115,6 +136,8 @@ def diffusers_rows(folder, sizes, steps_by_size, engine, fp16):
         scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
+    image_to_image = StableDiffusionImg2ImgPipeline(**pipe.components)
+    image_to_image.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - start
     torch.set_grad_enabled(False)
     rows = {"text encoding (2 prompts)": (lambda: pipe.encode_prompt("a photo of a cat", device, 1, True, ""), True)}
@@ -127,7 +150,13 @@ def diffusers_rows(folder, sizes, steps_by_size, engine, fp16):
             f"VAE decode, {size} px": (lambda latents=latents: pipe.vae.decode(
                 latents[:1] / pipe.vae.config.scaling_factor).sample.cpu(), True),
             f"whole image, {size} px, {steps} steps": (lambda size=size, steps=steps: pipe(
-                "a photo of a cat", height=size, width=size, num_inference_steps=steps, output_type="np"), False)})
+                "a photo of a cat", height=size, width=size, num_inference_steps=steps, output_type="np"), False),
+            f"VAE encode, {size} px": (lambda size=size: pipe.vae.encode(torch.from_numpy(
+                init_image(size)).permute(2, 0, 1)[None].to(device, dtype) / 127.5 - 1).latent_dist.sample().cpu(),
+                True),
+            image_to_image_row(size, steps): (lambda size=size, steps=steps: image_to_image(
+                "a photo of a cat", image=init_image(size), num_inference_steps=2 * steps, strength=0.5,
+                output_type="np"), False)})
     if device == "cuda":
         return device, load_seconds, rows, lambda: torch.cuda.max_memory_allocated() / 2**20
     return device, load_seconds, rows, peak_rss_mib
@@ -266,6 +295,9 @@ def main():
     print_table(args, summary, ratios, cached, export_seconds)
 
 
+ROW_WIDTH = 48
+
+
 def print_table(args, results, ratios, cached, export_seconds):
     devices = ", ".join(f"{library} {result['device']}" for library, result in results.items())
     print(f"# {' '.join([os.path.relpath(sys.executable), os.path.relpath(__file__)] + sys.argv[1:])}")
@@ -281,9 +313,9 @@ def print_table(args, results, ratios, cached, export_seconds):
     memory_row = "peak GPU memory, allocator (MiB)" if on_gpu else "peak RSS (MiB)"
     columns = [f"{library} (s)" for library in results]
     both = len(results) == 2
-    print("| " + " | ".join([f"{'row':<44}"] + [f"{c:>13}" for c in columns] +
+    print("| " + " | ".join([f"{'row':<{ROW_WIDTH}}"] + [f"{c:>13}" for c in columns] +
                             ([f"{'ours/diffusers':>14}"] if both else [])) + " |")
-    print("|" + "|".join(["-" * 46] + ["-" * 15] * len(columns) + (["-" * 16] if both else [])) + "|")
+    print("|" + "|".join(["-" * (ROW_WIDTH + 2)] + ["-" * 15] * len(columns) + (["-" * 16] if both else [])) + "|")
     names = ["load weights"] + list(next(iter(results.values()))["rows"]) + [memory_row]
     for row in names:
         if row == "load weights":
@@ -297,7 +329,7 @@ def print_table(args, results, ratios, cached, export_seconds):
         if both:
             ratio = ratios.get(row, values[0] / values[1] if None not in values else None)
             cells.append(f"{'-':>14}" if ratio is None else f"{ratio:>14.2f}")
-        print("| " + " | ".join([f"{row:<44}"] + cells) + " |")
+        print("| " + " | ".join([f"{row:<{ROW_WIDTH}}"] + cells) + " |")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,35 @@ def test_precomputed_prompt_embeddings_give_the_prompts_picture(demo):
     prompt_embeds, negative = pipeline.encode_prompt("rocket", "", guided=True)
     from_embeddings, _ = pipeline(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, **options)
     np.testing.assert_array_equal(from_text, from_embeddings)
+
+
+@pytest.fixture(scope="module")
+def tangerine(demo):
+    """A picture the demo model draws right (rank 1 among the emoji with the bench's seed)."""
+    return picture(demo, "tangerine", seed=PROMPTS.index("tangerine"))
+
+
+def test_image_to_image_keeps_the_picture_at_low_strength_and_follows_the_prompt_at_full(demo, references,
+                                                                                         tangerine):
+    names, thumbnails = references
+    source, target = names.index("tangerine"), names.index("robot face")
+    for seed in (0, 1):
+        light = picture(demo, "robot face", seed=seed, init_image=tangerine, strength=0.3)
+        assert rank_of(light, thumbnails, source) < 5 < rank_of(light, thumbnails, target)
+        assert np.abs(light.astype(float) - tangerine).mean() < 40
+        full = picture(demo, "robot face", seed=seed, init_image=tangerine, strength=1.0)
+        assert rank_of(full, thumbnails, target) < rank_of(full, thumbnails, source)
+        assert rank_of(full, thumbnails, source) > 100
+
+
+def test_inpainting_repaints_the_masked_half_and_keeps_the_other(demo, tangerine):
+    """The demo model's UNet has 4 input channels: diffusers' legacy inpainting, the known latents
+    blended back at every step; the kept half differs from the input by the VAE's own error only
+    (about 10 levels here), the repainted half by far more."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255  # white: repainted
+    for seed in (0, 1):
+        out = picture(demo, "robot face", seed=seed, init_image=tangerine, mask_image=mask, strength=1.0)
+        difference = np.abs(out.astype(float) - tangerine)
+        kept, repainted = difference[:, 32:].mean(), difference[:, :32].mean()
+        assert kept < 20 and repainted > 3 * kept, (kept, repainted)

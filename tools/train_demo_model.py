@@ -128,14 +128,21 @@ def tokenize(tokenizer, texts):
     return torch.tensor([tokenizer(t) for t in texts], dtype=torch.long)
 
 
-def train_denoiser(latents, names, tokenizer, steps, batch, log, save):
+def train_denoiser(latents, names, tokenizer, steps, batch, learning_rate, log, save, resume=None):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    if resume:
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(resume, "unet"), torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(resume, "text_encoder"), torch_dtype=torch.float32)
+        log(f"resumed the text encoder and UNet from {resume}")
+    else:
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    unet.train()
+    text_encoder.train()
     alphas = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
     warmup = 200
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
@@ -241,6 +248,10 @@ def main():
     parser.add_argument("--vae_batch", type=int, default=16)
     parser.add_argument("--unet_steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--resume", default=None,
+                        help="a demo model folder: train on from its VAE, text encoder and UNet (the run's "
+                             "steps, time and loss are added to its training.json history)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -255,7 +266,11 @@ def main():
     pixels = to_tensor(images)
     # The VAE stage is kept beside the output, so that a rerun with the same settings resumes after it.
     vae_cache = f"{args.out}.vae-{args.vae_steps}-{args.vae_batch}.pt"
-    if os.path.isfile(vae_cache):
+    if args.resume:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.resume, "vae"), torch_dtype=torch.float32).eval()
+        log(f"vae: reused {args.resume}")
+    elif os.path.isfile(vae_cache):
         from diffusers import AutoencoderKL
         vae = AutoencoderKL(**VAE_CONFIG)
         vae.load_state_dict(torch.load(vae_cache))
@@ -270,7 +285,8 @@ def main():
         mean, std = posterior.mean, posterior.std
         reconstruction = vae.decode(mean).sample
         vae_mse = torch.nn.functional.mse_loss(reconstruction, pixels).item()
-    scaling_factor = float(1 / mean.std())
+    # A resumed run keeps the latent scale its UNet was trained on.
+    scaling_factor = vae.config.scaling_factor if args.resume else float(1 / mean.std())
     log(f"vae: reconstruction mse {vae_mse:.5f} on the whole set; latent std {1 / scaling_factor:.4f}")
     latents = torch.cat([mean, std], dim=1) * scaling_factor
 
@@ -279,17 +295,27 @@ def main():
     from stable_diffusion.tokenizer import CLIPTokenizer
     tokenizer = CLIPTokenizer.from_folder()
 
+    history = []
+    if args.resume:
+        with open(os.path.join(args.resume, "training.json")) as f:
+            earlier = json.load(f)
+        history = earlier.pop("history", []) + [earlier]
+
     def save(unet, text_encoder, step, loss):
         meta = {"command": "python tools/train_demo_model.py " + " ".join(
-                    f"--{k} {v}" for k, v in vars(args).items() if k not in ("out", "threads")),
+                    f"--{k} {v}" for k, v in vars(args).items() if k not in ("out", "threads") and v is not None),
                 "images": len(names), "vae_steps": args.vae_steps, "vae_reconstruction_mse": round(vae_mse, 5),
                 "unet_steps_done": step, "unet_steps": args.unet_steps, "batch": args.batch,
                 "final_running_loss": round(loss, 5), "minutes": round((time.time() - start) / 60, 1),
                 "threads": args.threads, "torch": torch.__version__}
+        if history:
+            meta["history"] = history
+            meta["minutes_in_all"] = round(meta["minutes"] + sum(run["minutes"] for run in history), 1)
         write_folder(args.out, vae, unet, text_encoder, scaling_factor, meta)
         log(f"saved {args.out} at step {step}")
 
-    train_denoiser(latents, names, tokenizer, args.unet_steps, args.batch, log, save)
+    train_denoiser(latents, names, tokenizer, args.unet_steps, args.batch, args.learning_rate, log, save,
+                   resume=args.resume)
     log("done")
 
 
