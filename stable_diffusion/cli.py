@@ -4,6 +4,7 @@ import ast
 import dataclasses
 
 from stable_diffusion.options import GenerationOptions
+from stable_diffusion.parameters import portable_model, read_png_parameters
 from stable_diffusion.samplers import SAMPLERS
 
 
@@ -40,6 +41,10 @@ def build_parser(model_env_var):
                              "else stable-diffusion-v1-5)")
     parser.add_argument("--variant", type=str, default=None,
                         help="for a Hub repo id: the weights variant to fetch, e.g. fp16 (half the download)")
+    parser.add_argument("--from_png", type=str, default=None,
+                        help="make a picture again from a PNG's saved parameters (this module's or A1111's): its "
+                             "prompt, negative prompt, steps, sampler, guidance, seed and size, and its model when "
+                             "that is 'demo' or a Hub id; options given beside it win")
     parser.add_argument("--cpu_engine", type=str, default="inference", choices=("inference", "eager"),
                         help="on CPU: 'inference' (Paddle Inference + oneDNN, faster) or 'eager'")
     return parser
@@ -49,6 +54,12 @@ def parse_arguments(argvs, model_env_var):
     """-> (prompts, options as generate_image keywords, loading settings)."""
     parser = build_parser(model_env_var)
     args = parser.parse_args(argvs)
+    if args.from_png:
+        saved, model = read_png_parameters(args.from_png)
+        parser.set_defaults(**saved)
+        args = parser.parse_args(argvs)  # again: what the command line gives beats what the PNG says
+        if args.model is None and portable_model(model):
+            args.model = model
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]

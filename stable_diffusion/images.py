@@ -29,9 +29,11 @@ def read_image(value, name, mode):
         try:
             value = Image.open(io.BytesIO(value))
             value.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ValueError(f"{name} is not an image that Pillow can read, or it is truncated ({err}): "
-                             "give a PNG or JPEG file") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"{name} is not an image that Pillow can read: give a PNG or JPEG file") from None
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"{name} is a truncated or damaged image ({err}): give a whole PNG or JPEG "
+                             "file") from None
     if not isinstance(value, Image.Image):
         raise ValueError(f"{name} must be a file path, a PIL image or a uint8 array, got {type(value).__name__}")
     if value.mode in ("RGBA", "LA", "P") and mode == "RGB":

@@ -5,8 +5,9 @@ import paddle
 from paddlehub.module.module import RunModule, moduleinfo, runnable, serving
 
 from stable_diffusion.cli import RunFromClassOrInstance, parse_arguments
-from stable_diffusion.images import decode_base64_image
 from stable_diffusion.options import DEFAULTS
+from stable_diffusion.parameters import read_png_parameters
+from stable_diffusion.server import adjust_paddlehub_serving, serve_request
 from stable_diffusion.text_to_image import MODEL_ENV_VAR, SERVING_KEYS, TextToImage
 
 
@@ -62,16 +63,17 @@ class StableDiffusion(RunModule):
 
     @serving
     def serving_method(self, text_prompts=None, **kwargs):
-        """JSON body -> generate_image keyword arguments; the result as a base64 DocumentArray."""
-        if "output_dir" in kwargs:
-            raise ValueError("output_dir cannot be set through serving: the server writes no files; "
-                             "save the returned images on the client")
-        unknown = sorted(set(kwargs) - set(SERVING_KEYS))
-        if unknown:
-            raise ValueError(f"unknown parameters {unknown}; accepted: {', '.join(SERVING_KEYS)}")
-        if text_prompts is None:
-            raise ValueError("the request body needs text_prompts (a string or a list of strings)")
-        for name in ("init_image", "mask_image"):  # base64 here: a client never names a server file
-            if kwargs.get(name) is not None:
-                kwargs[name] = decode_base64_image(kwargs[name], name)
-        return self.generate_image(text_prompts=text_prompts, output_dir=None, **kwargs).to_base64()
+        """JSON body -> generate_image keyword arguments, within the served budget (budget.py); the
+        result as a base64 DocumentArray."""
+        paddle.disable_static()
+        return serve_request(self.text_to_image.generate_image, SERVING_KEYS, text_prompts,
+                             **kwargs).to_base64()
+
+    @staticmethod
+    def parameters_from_png(path):
+        """generate_image's options saved in a PNG's `parameters` chunk (this module's or A1111's):
+        `module.generate_image(**module.parameters_from_png("x.png"))` makes it again (with the model it names loaded)."""
+        return read_png_parameters(path)[0]
+
+
+adjust_paddlehub_serving()  # only when `hub serving` loads the module (server.py)

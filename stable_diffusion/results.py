@@ -13,14 +13,25 @@ import tempfile
 
 import numpy as np
 from docarray import Document, DocumentArray
-from PIL import Image
+from PIL import Image, PngImagePlugin
+
+from stable_diffusion.parameters import PNG_KEY
 
 MAX_NAME_CHARS = 48
 
 
-def png_data_uri(image):
+def write_png(image, file, parameters=None):
+    """uint8 [H, W, 3] as PNG, with the `parameters` text chunk when given (parameters.py)."""
+    info = None
+    if parameters:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt(PNG_KEY, parameters)  # iTXt: UTF-8, as A1111 writes non-Latin prompts
+    Image.fromarray(image).save(file, format="PNG", pnginfo=info)
+
+
+def png_data_uri(image, parameters=None):
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    write_png(image, buffer, parameters)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -44,13 +55,13 @@ def safe_file_stem(prompt):
     return stem or "image"
 
 
-def save_png_atomically(image, output_dir, stem):
+def save_png_atomically(image, output_dir, stem, parameters=None):
     """Write `stem.png` in output_dir (or `stem-N.png` if taken) via a temporary file and a rename."""
     os.makedirs(output_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=output_dir)
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
+            write_png(image, f, parameters)
         for n in range(10000):
             path = os.path.join(output_dir, f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
             try:
@@ -63,25 +74,27 @@ def save_png_atomically(image, output_dir, stem):
         os.unlink(tmp)
 
 
-def build_prompt_document(prompt, images, frames, tags, output_dir=None):
-    """images: final uint8 [B, H, W, 3]; frames: [(step, uint8 [B, H, W, 3])], the final one last."""
+def build_prompt_document(prompt, images, frames, tags, output_dir=None, parameters=None):
+    """images: final uint8 [B, H, W, 3]; frames: [(step, uint8 [B, H, W, 3])], the final one last;
+    parameters: each image's parameters text (the merged grid gets the first's, as in A1111)."""
+    parameters = parameters or [None] * len(images)
     prompt_doc = Document(tags={"prompt": prompt, **tags})
     saved = []
     stem = safe_file_stem(prompt)
     for j, image in enumerate(images):
-        image_doc = Document(uri=png_data_uri(image), tags={"prompt": prompt, "image idx": j, **tags})
+        image_doc = Document(uri=png_data_uri(image, parameters[j]), tags={"prompt": prompt, "image idx": j, **tags})
         image_doc.chunks = DocumentArray(
             [Document(uri=png_data_uri(f[j]), tags={"step": step}) for step, f in frames])
         prompt_doc.chunks.append(image_doc)
         if output_dir is not None:
-            saved.append(save_png_atomically(image, output_dir, f"{stem}_seed{tags['seed']}_{j}"))
+            saved.append(save_png_atomically(image, output_dir, f"{stem}_seed{tags['seed']}_{j}", parameters[j]))
     merged = grid(images)
-    merged_doc = Document(uri=png_data_uri(merged), tags={"prompt": prompt, "image idx": "merged", **tags})
+    merged_doc = Document(uri=png_data_uri(merged, parameters[0]), tags={"prompt": prompt, "image idx": "merged", **tags})
     merged_doc.chunks = DocumentArray(
         [Document(uri=png_data_uri(grid(f)), tags={"step": step}) for step, f in frames])
     prompt_doc.chunks.append(merged_doc)
     prompt_doc.uri = merged_doc.uri
     if output_dir is not None and len(images) > 1:
-        saved.append(save_png_atomically(merged, output_dir, f"{stem}_seed{tags['seed']}_merged"))
+        saved.append(save_png_atomically(merged, output_dir, f"{stem}_seed{tags['seed']}_merged", parameters[0]))
     prompt_doc.tags["files"] = saved
     return prompt_doc

@@ -9,9 +9,11 @@ import threading
 import numpy as np
 from docarray import DocumentArray
 
+from stable_diffusion.budget import RequestBudget
 from stable_diffusion.images import resized
 from stable_diffusion.loading import DEFAULT_MODEL
 from stable_diffusion.options import MODEL_DEFAULTS, GenerationOptions, build_prompts
+from stable_diffusion.parameters import format_parameters, model_name
 from stable_diffusion.pipeline import ENGINES, StableDiffusionPipeline, select_device
 from stable_diffusion.results import build_prompt_document
 
@@ -64,14 +66,18 @@ class TextToImage:
                 self._pipeline_device_dtype = (device, dtype)
             return self._pipeline
 
-    def generate_image(self, text_prompts, style=None, artist=None, progress=True, **options):
-        """Keyword options: GenerationOptions' fields."""
+    def generate_image(self, text_prompts, style=None, artist=None, progress=True, budget=None, **options):
+        """Keyword options: GenerationOptions' fields. budget: a RequestBudget (default: the limits set
+        in the environment, none when none is set)."""
         prompts = build_prompts(text_prompts, style, artist)
         opts = GenerationOptions(**options)
         pipeline = self.load_pipeline(opts.use_gpu, opts.enable_fp16)
         opts = opts.with_model_defaults(pipeline.native_size, read_generation_defaults(pipeline.models.source)
                                         if os.path.isdir(pipeline.models.source) else {})
         width, height = opts.width_height
+        steps_run = opts.num_inference_steps if opts.init_image is None else int(
+            opts.num_inference_steps * opts.strength)
+        (budget or RequestBudget.from_environment()).check(width, height, len(prompts) * opts.batch_size, steps_run)
         latents = opts.latents
         if latents is not None:
             expected = pipeline.latent_shape(opts.batch_size, height, width)
@@ -90,8 +96,11 @@ class TextToImage:
         tags = {"seed": seed, "steps": opts.num_inference_steps, "sampler": opts.sampler,
                 "guidance_scale": float(opts.guidance_scale), "negative_prompt": opts.negative_prompt or "",
                 "width": width, "height": height}
+        if opts.sampler == "ddim" and opts.eta:
+            tags["eta"] = float(opts.eta)
         if init_image is not None:
             tags.update(strength=float(opts.strength), mask=mask is not None)
+        model = model_name(self.model_source)
         documents = DocumentArray()
         for prompt in prompts:
             images, frames = pipeline(
@@ -100,7 +109,8 @@ class TextToImage:
                 guidance_scale=float(opts.guidance_scale), sampler=opts.sampler, eta=float(opts.eta), seed=seed,
                 latents=latents, display_rate=opts.display_rate, frame_decoder=opts.frame_decoder,
                 progress=progress, init_image=init_image, strength=float(opts.strength), mask=mask)
-            documents.append(build_prompt_document(prompt, images, frames, tags, opts.output_dir))
+            parameters = [format_parameters(prompt, tags, model, opts.batch_size, j) for j in range(len(images))]
+            documents.append(build_prompt_document(prompt, images, frames, tags, opts.output_dir, parameters))
         return documents
 
 

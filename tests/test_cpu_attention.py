@@ -103,3 +103,26 @@ def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_attention, "SOURCE", str(broken))
     with pytest.warns(UserWarning, match="could not build the CPU attention kernel"):
         assert cpu_attention.build_and_load(str(tmp_path / "cache")) is None
+
+
+def test_the_operator_is_built_once_per_machine_not_once_per_install_folder(tmp_path):
+    """Each `hub install` copies the module (a newer source file): the build folder keeps its own copy
+    of the source, so a second install folder loads the built library instead of compiling again."""
+    import os
+    import subprocess
+    import sys
+    import time
+    package = os.path.dirname(os.path.dirname(cpu_attention.__file__))  # stable_diffusion/
+    cache = tmp_path / "cache"
+    built = []
+    for install in ("first", "second"):
+        shutil.copytree(package, tmp_path / install / "stable_diffusion")
+        time.sleep(1.1)  # the second copy's source is newer than the first's build
+        code = ("from stable_diffusion.cpu.attention import attention_kernel; import sys; "
+                f"sys.exit(attention_kernel({str(cache)!r}) is None)")
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path / install, check=True,
+                       env={**os.environ, "PYTHONPATH": ""})
+        (library,) = [os.path.join(root, name) for root, _, names in os.walk(cache) for name in names
+                      if name.endswith(".so")]
+        built.append(os.stat(library).st_mtime_ns)
+    assert built[0] == built[1]

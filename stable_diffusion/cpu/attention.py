@@ -9,6 +9,7 @@ Paddle's matmuls and softmax, with a warning.
 import hashlib
 import os
 import platform
+import shutil
 import warnings
 
 import paddle
@@ -53,10 +54,18 @@ def build_and_load(cache_root):
     libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
     folder = build_folder(cache_root)
     os.makedirs(folder, exist_ok=True)
+    # Built from a copy of the source kept in the (content-addressed) build folder: setuptools rebuilds
+    # when a source is newer than the library, and each install folder's copy is new (a 25 s rebuild
+    # per `hub install` until this), so the operator is built once per machine and Paddle version.
+    source = os.path.join(folder, os.path.basename(SOURCE))
+    if not os.path.isfile(source):
+        partial = f"{source}.{os.getpid()}.partial"
+        shutil.copyfile(SOURCE, partial)
+        os.replace(partial, source)
     try:
         # Paddle's own OpenMP runtime (Intel's, which takes GNU's calls): a second runtime's threads
         # would spin beside Paddle's on the same cores.
-        module = load(name="stable_diffusion_attention_cpu", sources=[SOURCE], build_directory=folder,
+        module = load(name="stable_diffusion_attention_cpu", sources=[source], build_directory=folder,
                       extra_cxx_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                       extra_ldflags=[f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"])
     except Exception as error:  # the compiler's own message says what is missing
