@@ -36,6 +36,7 @@ def labelled(image, text, scale):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="the demo model's folder to measure (default: the shipped one)")
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--num_inference_steps", type=int, default=None)
     parser.add_argument("--sampler", default=None)
@@ -45,7 +46,7 @@ def main():
 
     from stable_diffusion.module import StableDiffusion
     names, references = load_references(REFERENCES)
-    module = StableDiffusion(model="demo")
+    module = StableDiffusion(model=args.model)
     overrides = {k: v for k, v in vars(args).items()
                  if k in ("guidance_scale", "num_inference_steps", "sampler") and v is not None}
     ranks, tiles, start = [], [], time.perf_counter()

@@ -12,9 +12,9 @@ from stable_diffusion.pipeline import StableDiffusionPipeline
 from tools.emoji_retrieval import PROMPTS, load_references, rank_of
 
 REFERENCES = os.path.join(os.path.dirname(__file__), "data", "emoji_thumbnails.npz")
-# Emoji the shipped model draws right with the defaults and bench/demo_quality.py's seeds (it measures
-# all 56: top-5 11%); a regression in the tokenizer, guidance, sampler or engine loses them.
-NAMED = ["tangerine", "octopus", "rainbow", "robot face"]
+# The first six of bench/demo_quality.py's list, with its seeds (it measures all 56: top-5 70%); a
+# regression in the tokenizer, guidance, sampler or engine loses them.
+NAMED = PROMPTS[:6]
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +102,12 @@ def test_image_to_image_keeps_the_picture_at_low_strength_and_follows_the_prompt
     source, target = names.index("tangerine"), names.index("robot face")
     for seed in (0, 1):
         light = picture(demo, "robot face", seed=seed, init_image=tangerine, strength=0.3)
-        assert rank_of(light, thumbnails, source) < 5 < rank_of(light, thumbnails, target)
-        assert np.abs(light.astype(float) - tangerine).mean() < 40
         full = picture(demo, "robot face", seed=seed, init_image=tangerine, strength=1.0)
-        assert rank_of(full, thumbnails, target) < rank_of(full, thumbnails, source)
-        assert rank_of(full, thumbnails, source) > 100
+        # Light: still nearer the input's emoji than the prompt's, and nearer the input's pixels.
+        assert rank_of(light, thumbnails, source) < rank_of(light, thumbnails, target)
+        assert np.abs(light.astype(float) - tangerine).mean() < np.abs(full.astype(float) - tangerine).mean()
+        # Full: the prompt's emoji, the input's gone.
+        assert rank_of(full, thumbnails, target) < 5 and rank_of(full, thumbnails, source) > 100
 
 
 def test_inpainting_repaints_the_masked_half_and_keeps_the_other(demo, tangerine):

@@ -194,15 +194,24 @@ def train_denoiser(latents, names, tokenizer, steps, batch, learning_rate, log, 
     return running
 
 
-def write_folder(out, vae, unet, text_encoder, scaling_factor, meta):
+def write_folder(out, vae, unet, text_encoder, scaling_factor, meta, resumed_from=None):
     """The diffusers model folder, written beside `out` and renamed into place."""
     parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo_model.", dir=parent)
     vae.register_to_config(scaling_factor=scaling_factor)
     vae.save_pretrained(os.path.join(tmp, "vae"))
     unet.save_pretrained(os.path.join(tmp, "unet"))
     text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
     for component in ("vae", "unet", "text_encoder"):
+        # A resumed model's config records the folder it came from: not the shipped folder's business.
+        config_path = os.path.join(tmp, component, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        if config.pop("_name_or_path", None) is not None:
+            with open(config_path, "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
         # fp16 halves the folder (the text encoder's 49408-token table is most of it); loaders cast
         # to the dtype they run in.
         from safetensors.torch import load_file, save_file
@@ -231,9 +240,10 @@ def write_folder(out, vae, unet, text_encoder, scaling_factor, meta):
     with open(os.path.join(tmp, "training.json"), "w") as f:
         json.dump(meta, f, indent=2)
     for name in ("LICENSE.md", "README.md", "generation_defaults.json"):  # the shipped folder's own
-        source = os.path.join(out, name)
-        if os.path.isfile(source):
-            shutil.copy(source, tmp)
+        for folder in (out, resumed_from):
+            if folder and os.path.isfile(os.path.join(folder, name)):
+                shutil.copy(os.path.join(folder, name), tmp)
+                break
     old = out + ".old"
     if os.path.isdir(out):
         os.rename(out, old)
@@ -311,7 +321,7 @@ def main():
         if history:
             meta["history"] = history
             meta["minutes_in_all"] = round(meta["minutes"] + sum(run["minutes"] for run in history), 1)
-        write_folder(args.out, vae, unet, text_encoder, scaling_factor, meta)
+        write_folder(args.out, vae, unet, text_encoder, scaling_factor, meta, args.resume)
         log(f"saved {args.out} at step {step}")
 
     train_denoiser(latents, names, tokenizer, args.unet_steps, args.batch, args.learning_rate, log, save,
