@@ -83,15 +83,18 @@ def build_prompt_document(prompt, images, frames, tags, output_dir=None, paramet
     stem = safe_file_stem(prompt)
     for j, image in enumerate(images):
         image_doc = Document(uri=png_data_uri(image, parameters[j]), tags={"prompt": prompt, "image idx": j, **tags})
+        # The last frame is the final image: the same PNG, its parameters included.
         image_doc.chunks = DocumentArray(
-            [Document(uri=png_data_uri(f[j]), tags={"step": step}) for step, f in frames])
+            [Document(uri=png_data_uri(f[j], parameters[j] if k == len(frames) - 1 else None), tags={"step": step})
+             for k, (step, f) in enumerate(frames)])
         prompt_doc.chunks.append(image_doc)
         if output_dir is not None:
             saved.append(save_png_atomically(image, output_dir, f"{stem}_seed{tags['seed']}_{j}", parameters[j]))
     merged = grid(images)
     merged_doc = Document(uri=png_data_uri(merged, parameters[0]), tags={"prompt": prompt, "image idx": "merged", **tags})
     merged_doc.chunks = DocumentArray(
-        [Document(uri=png_data_uri(grid(f)), tags={"step": step}) for step, f in frames])
+        [Document(uri=png_data_uri(grid(f), parameters[0] if k == len(frames) - 1 else None), tags={"step": step})
+         for k, (step, f) in enumerate(frames)])
     prompt_doc.chunks.append(merged_doc)
     prompt_doc.uri = merged_doc.uri
     if output_dir is not None and len(images) > 1:
