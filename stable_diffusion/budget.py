@@ -21,7 +21,9 @@ LIMITS = {
 }
 
 
-def _read(variable, cast):
+def number_from_environment(variable, cast=float, zero_allowed=False):
+    """The variable's number, None when unset; a ValueError naming it when it is not a number above 0
+    (or of 0 or more)."""
     text = os.environ.get(variable, "").strip()
     if not text:
         return None
@@ -29,8 +31,8 @@ def _read(variable, cast):
         value = cast(text)
     except ValueError:
         value = None
-    if value is None or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{variable}={text!r} is not a positive number")
+    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero_allowed):
+        raise ValueError(f"{variable}={text!r} is not a {'number of 0 or more' if zero_allowed else 'positive number'}")
     return value
 
 
@@ -47,7 +49,7 @@ class RequestBudget:
         """The variables that are set; for a server, the served defaults for the others."""
         values = {}
         for name, (variable, default, _) in LIMITS.items():
-            value = _read(variable, float if name == "max_work" else int)
+            value = number_from_environment(variable, float if name == "max_work" else int)
             values[name] = value if value is not None else (default if served else None)
         return cls(**values)
 

@@ -15,7 +15,7 @@ keyword arguments. Three things it does not do, added here when the module is lo
 import os
 import sys
 
-from stable_diffusion.budget import RequestBudget
+from stable_diffusion.budget import RequestBudget, number_from_environment
 from stable_diffusion.images import decode_base64_image
 
 MAX_BODY_ENV_VAR, MAX_BODY_MB = "STABLE_DIFFUSION_MAX_BODY_MB", 32
@@ -38,19 +38,6 @@ def serve_request(generate_image, serving_keys, text_prompts=None, **kwargs):
             kwargs[name] = decode_base64_image(kwargs[name], name)
     return generate_image(text_prompts=text_prompts, output_dir=None,
                           budget=RequestBudget.from_environment(served=True), **kwargs)
-
-
-def _number_at_least_zero(variable, default):
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{variable}={text!r} must be a number of 0 or more")
-    return value
 
 
 def refusal(message, status):
@@ -84,8 +71,9 @@ def adjust_paddlehub_serving():
     app_compat = sys.modules.get("paddlehub.serving.app_compat")
     if app_compat is None or getattr(app_compat.create_app, "adjusted_by_stable_diffusion", False):
         return
-    max_body_bytes = int(_number_at_least_zero(MAX_BODY_ENV_VAR, MAX_BODY_MB) * 2 ** 20)
-    worker_timeout = int(_number_at_least_zero(WORKER_TIMEOUT_ENV_VAR, WORKER_TIMEOUT_S))
+    max_body_bytes = int((number_from_environment(MAX_BODY_ENV_VAR) or MAX_BODY_MB) * 2 ** 20)
+    timeout = number_from_environment(WORKER_TIMEOUT_ENV_VAR, zero_allowed=True)
+    worker_timeout = int(WORKER_TIMEOUT_S if timeout is None else timeout)
     create_app = app_compat.create_app
 
     def create_app_adjusted(*args, **kwargs):
