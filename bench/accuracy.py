@@ -23,7 +23,8 @@ def ours(folder, inputs):
     from stable_diffusion.loading import load_models
     select_device(use_gpu=False)
     pipe = StableDiffusionPipeline(load_models(folder), engine="inference")
-    return {"text encoder": pipe.text_encoder(paddle.to_tensor(inputs["ids"])).numpy(),
+    token_embeds = pipe.models.text_encoder.embed_tokens(paddle.to_tensor(inputs["ids"]))
+    return {"text encoder": pipe.text_encoder(token_embeds)[-1].numpy(),
             "guided UNet step": pipe.unet(paddle.to_tensor(inputs["sample"]), 500.0,
                                           paddle.to_tensor(inputs["context"])).numpy(),
             "VAE decode": pipe.vae_decode(paddle.to_tensor(inputs["latents"])).numpy()}

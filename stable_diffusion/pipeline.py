@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from stable_diffusion.images import binarized_mask, to_model_range
 from stable_diffusion.loading import load_models, resolve_source
+from stable_diffusion.prompts import chunk_prompt
 from stable_diffusion.samplers import make_sampler
 
 # Linear map from SD v1 latents to RGB: a preview at the cost of one small matmul instead of a VAE
@@ -71,7 +72,8 @@ class StableDiffusionPipeline:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.models = models
         self.dtype = dtype
-        self.text_encoder, self.unet = models.text_encoder, models.unet
+        # text_encoder: token embeddings -> every layer's normed output (CLIPTextModel.layer_outputs)
+        self.text_encoder, self.unet = models.text_encoder.layer_outputs, models.unet
         self.vae_encode, self.vae_decode = models.vae.encode, models.vae.decode
         if engine == "inference":
             from stable_diffusion.cpu.compiled import compile_for_cpu
@@ -116,16 +118,49 @@ class StableDiffusionPipeline:
         return (batch_size, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
 
     @paddle.no_grad()
-    def encode_text(self, texts):
-        ids = np.array([self.models.tokenizer(t) for t in texts], dtype=np.int64)
-        return self.text_encoder(paddle.to_tensor(ids)).astype(self.dtype)
+    def encode_text(self, texts, clip_skip=1, embeddings=None):
+        """Texts in A1111's prompt syntax (prompts.py) -> embeddings [len(texts), 77 x chunks, D], each
+        text padded with empty chunks to the longest's count. `embeddings`: textual inversion
+        (adapters/embeddings.py). clip_skip: 1 the last layer's output, 2 the one before, ..."""
+        layers = self.models.text_encoder.config["num_hidden_layers"]
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip must be from 1 (the last layer) to {layers}, got {clip_skip}")
+        tokenizer = self.models.tokenizer
+        chunked = [chunk_prompt(text, tokenizer, embeddings) for text in texts]
+        count = max(len(chunks) for chunks in chunked)
+        empty = chunk_prompt("", tokenizer)[0]
+        chunks = [chunk for text_chunks in chunked for chunk in text_chunks + [empty] * (count - len(text_chunks))]
+        token_embeds = self.models.text_encoder.embed_tokens(
+            paddle.to_tensor(np.array([chunk.tokens for chunk in chunks], np.int64))).numpy()
+        for row, chunk in enumerate(chunks):
+            for position, vectors in chunk.vectors:
+                token_embeds[row, position:position + len(vectors)] = vectors
+        hidden = self.text_encoder(paddle.to_tensor(token_embeds))[-clip_skip].astype("float32").numpy()
+        for row, chunk in enumerate(chunks):
+            weights = np.array(chunk.weights, np.float32)
+            if (weights != 1).any():  # A1111's emphasis: scale each token's output, keep the chunk's mean
+                original_mean = hidden[row].mean()
+                hidden[row] *= weights[:, None]
+                hidden[row] *= original_mean / hidden[row].mean()
+        hidden = hidden.reshape(len(texts), count * hidden.shape[1], hidden.shape[2])
+        return paddle.to_tensor(hidden).astype(self.dtype)
 
-    def encode_prompt(self, prompt, negative_prompt="", guided=True):
-        """-> (prompt embeddings [1, 77, D], negative prompt embeddings or None when not guided)."""
+    def encode_prompt(self, prompt, negative_prompt="", guided=True, clip_skip=1, embeddings=None):
+        """-> (prompt embeddings [1, 77 x chunks, D], negative prompt embeddings of as many chunks, or
+        None when not guided)."""
         if not guided:
-            return self.encode_text([prompt]), None
-        negative, positive = self.encode_text([negative_prompt or "", prompt]).chunk(2)
+            return self.encode_text([prompt], clip_skip, embeddings), None
+        negative, positive = self.encode_text([negative_prompt or "", prompt], clip_skip, embeddings).chunk(2)
         return positive, negative
+
+    def pad_to_same_chunks(self, *embeds):
+        """Embeddings of different chunk counts (precomputed ones) padded with empty chunks, as A1111 pads."""
+        empty = self.encode_text([""])
+        longest = max(e.shape[1] for e in embeds)
+        if any((longest - e.shape[1]) % empty.shape[1] for e in embeds):
+            raise ValueError(f"prompt embeddings of lengths {[e.shape[1] for e in embeds]}: each must be a "
+                             f"multiple of {empty.shape[1]} tokens")
+        return [paddle.concat([e] + [empty] * ((longest - e.shape[1]) // empty.shape[1]), axis=1) for e in embeds]
 
     def prepare_latents(self, shape, sampler, rng, latents=None):
         """Unit noise from `rng` (or the caller's `latents`), scaled to the sampler's first step."""
@@ -222,11 +257,14 @@ class StableDiffusionPipeline:
     def __call__(self, prompt=None, *, negative_prompt="", height=512, width=512, batch_size=1,
                  num_inference_steps=50, guidance_scale=7.5, sampler="plms", eta=0.0, seed=0,
                  latents=None, display_rate=0, frame_decoder="preview", progress=True,
-                 prompt_embeds=None, negative_prompt_embeds=None, init_image=None, strength=0.8, mask=None):
+                 prompt_embeds=None, negative_prompt_embeds=None, init_image=None, strength=0.8, mask=None,
+                 clip_skip=1, embeddings=None):
         """Returns (final uint8 images [B, H, W, 3], frames: list of (step, uint8 images)), the final
         images last. `prompt_embeds` / `negative_prompt_embeds` ([1, L, D]) stand in for the texts.
         `init_image` (uint8 [height, width, 3]): image-to-image from it, `strength` of the steps run;
-        with `mask` (uint8 [height, width], white repainted), inpainting.
+        with `mask` (uint8 [height, width], white repainted), inpainting. Prompts are read in A1111's
+        syntax (prompts.py); `embeddings` are textual-inversion vectors by name, `clip_skip` the
+        text encoder's layer from the end whose output guides.
         Randomness comes from `seed` alone: the picture's latent sample, the initial noise, each step's."""
         if self.is_inpainting_model and (init_image is None or mask is None):
             raise ValueError("this is an inpainting checkpoint (its UNet takes a mask): give init_image and "
@@ -242,12 +280,14 @@ class StableDiffusionPipeline:
             latents = self.prepare_latents(shape, scheduler, rng, latents)
         guided = guidance_scale > 1.0
         if prompt_embeds is None:
-            prompt_embeds, encoded_negative = self.encode_prompt(prompt, negative_prompt, guided)
+            prompt_embeds, encoded_negative = self.encode_prompt(prompt, negative_prompt, guided, clip_skip, embeddings)
             negative_prompt_embeds = negative_prompt_embeds if negative_prompt_embeds is not None else encoded_negative
         elif guided and negative_prompt_embeds is None:
-            negative_prompt_embeds = self.encode_text([negative_prompt or ""])
+            negative_prompt_embeds = self.encode_text([negative_prompt or ""], clip_skip, embeddings)
         if not guided:
             negative_prompt_embeds = None
+        elif negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
+            prompt_embeds, negative_prompt_embeds = self.pad_to_same_chunks(prompt_embeds, negative_prompt_embeds)
         latents, frames = self.denoise(latents, prompt_embeds, negative_prompt_embeds, scheduler, guidance_scale,
                                        rng, display_rate, frame_decoder, progress, inpainting)
         images = self.decode(latents)

@@ -19,6 +19,7 @@ from paddle.static import InputSpec
 
 from stable_diffusion.cpu.attention import attention_kernel
 from stable_diffusion.cpu.mapped_weights import MappedWeights, align_tensor_data, release_freed_heap
+from stable_diffusion.models.clip import normed_layer_outputs
 from stable_diffusion.models.layers import Attention, Upsample2D
 from stable_diffusion.models.unet import FeedForward
 from stable_diffusion.models.vae import VAEAttention
@@ -109,6 +110,20 @@ def use_attention_kernel(graph):
             layer.kernel = kernel
 
 
+class TextEncoderGraph(nn.Layer):
+    """The text encoder after its token lookup, which stays eager (textual-inversion vectors replace
+    token embeddings there): every layer's normed output, for clip_skip to choose from."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.position_embedding = text_encoder.embeddings.position_embedding
+        self.layers = text_encoder.encoder.layers
+        self.final_layer_norm = text_encoder.final_layer_norm
+
+    def forward(self, token_embeds):
+        return normed_layer_outputs(token_embeds, self.position_embedding, self.layers, self.final_layer_norm)
+
+
 class UNetGraph(nn.Layer):
     def __init__(self, unet):
         super().__init__()
@@ -175,16 +190,17 @@ def graph_folder(source, adapters=()):
 
 
 def unet_graph_cached(source, adapters=()):
-    """Whether the UNet's graph for these weights is saved: then its eager weights need not be loaded."""
+    """Whether the UNet's graph for these weights (and what is merged into them) is saved: then its
+    eager weights need not be loaded."""
     return os.path.isdir(os.path.join(graph_folder(source, adapters), "unet"))
 
 
 class CompiledLayer:
-    """A saved graph run by a Paddle Inference predictor with oneDNN. `one_shape`: when the input shapes
-    change, run a new predictor, so that oneDNN's caches hold the latest shapes only (see
-    above); the text encoder's inputs take two shapes at most and keep both."""
+    """A saved graph run by a Paddle Inference predictor with oneDNN. `shapes_kept`: when inputs come
+    in more shapes than that, run a new predictor, so that oneDNN's caches hold the latest shapes only
+    (see above); the text encoder keeps two (a guided prompt of one chunk and an unguided one)."""
 
-    def __init__(self, graph, input_spec, folder, threads, one_shape=True):
+    def __init__(self, graph, input_spec, folder, threads, shapes_kept=1):
         if not os.path.isdir(folder):
             export(graph, input_spec, folder)
         release_parameters(graph)
@@ -195,7 +211,7 @@ class CompiledLayer:
         self.predictor = self.new_predictor()
         # By the InputSpec names: the predictor does not list its inputs in argument order.
         self.input_names = [spec.name for spec in input_spec]
-        self.one_shape = one_shape
+        self.shapes_kept = shapes_kept
         self.shapes_seen = []
         self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="paddle-inference")
 
@@ -224,7 +240,7 @@ class CompiledLayer:
         shapes = [array.shape for array in arrays]
         new_shape = shapes not in self.shapes_seen
         if new_shape:
-            if self.one_shape and self.shapes_seen:
+            if len(self.shapes_seen) >= self.shapes_kept:
                 # Not a clone: a clone copies the lent weights. The old predictor goes first.
                 self.predictor = None
                 self.predictor = self.new_predictor()
@@ -245,10 +261,18 @@ class CompiledLayer:
 def compile_for_cpu(models, threads):
     """(text_encoder, unet, vae_encode, vae_decode) callables backed by Paddle Inference; exported on
     first use per weights. The eager models give their weights up to the graphs: only their configs
-    remain. `vae_encode(images)` returns (mean, logvar), as the eager VAE's `encode`."""
-    folder = graph_folder(models.source, models.adapters)
-    text_encoder = CompiledLayer(models.text_encoder, [InputSpec([None, None], "int64", "input_ids")],
-                                 os.path.join(folder, "text_encoder"), threads, one_shape=False)
+    (and the text encoder's token embeddings) remain. `text_encoder(token_embeds)` returns every
+    layer's normed output, as CLIPTextModel.layer_outputs; `vae_encode(images)` returns (mean, logvar),
+    as the eager VAE's `encode`."""
+
+    def folder(graph_name):
+        component = "vae" if graph_name.startswith("vae") else graph_name
+        return os.path.join(graph_folder(models.source, models.adapters.get(component, ())), graph_name)
+
+    width = models.text_encoder.config["hidden_size"]
+    text_encoder = CompiledLayer(TextEncoderGraph(models.text_encoder),
+                                 [InputSpec([None, None, width], "float32", "token_embeds")],
+                                 folder("text_encoder"), threads, shapes_kept=2)
     cross_dim = models.unet.config["cross_attention_dim"]
     channels = models.unet.config["in_channels"]
     time_dim = models.unet.config["block_out_channels"][0]
@@ -256,7 +280,7 @@ def compile_for_cpu(models, threads):
                           [InputSpec([None, channels, None, None], "float32", "sample"),
                            InputSpec([None, time_dim], "float32", "time_features"),
                            InputSpec([None, None, cross_dim], "float32", "context")],
-                          os.path.join(folder, "unet"), threads)
+                          folder("unet"), threads)
 
     def unet(sample, timestep, context):
         return graph(sample, models.unet.time_features(timestep), context)
@@ -266,7 +290,7 @@ def compile_for_cpu(models, threads):
     vae = models.vae
     moments = CompiledLayer(VAEEncoderGraph(vae), [InputSpec([None, vae.config["in_channels"], None, None], "float32",
                                                              "images")],
-                            os.path.join(folder, "vae_encoder"), threads)
+                            folder("vae_encoder"), threads)
 
     def vae_encode(images):
         return vae.split_moments(moments(images))
@@ -274,6 +298,6 @@ def compile_for_cpu(models, threads):
     vae_encode.graph = moments
     decode = CompiledLayer(VAEDecoderGraph(vae), [InputSpec([None, vae.config["latent_channels"], None, None],
                                                             "float32", "latents")],
-                           os.path.join(folder, "vae_decoder"), threads)
+                           folder("vae_decoder"), threads)
     release_parameters(vae)
     return text_encoder, unet, vae_encode, decode

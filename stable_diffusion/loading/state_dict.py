@@ -3,7 +3,7 @@ a table lookup; every parameter must be found, with its shape."""
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import paddle
@@ -29,8 +29,9 @@ class StableDiffusionModels:
     vae: AutoencoderKL
     scheduler_config: dict
     source: str
-    # What is merged into the weights from elsewhere (files and settings): part of the CPU graphs' key.
-    adapters: tuple = ()
+    # What is merged into each component's weights from elsewhere, {component: (files and settings)}, e.g.
+    # a LoRA file and its weight, a VAE of its own: part of the CPU graphs' key.
+    adapters: dict = field(default_factory=dict)
 
 
 def read_json(path):

@@ -66,13 +66,30 @@ class CLIPTextModel(nn.Layer):
         self.encoder.layers = nn.LayerList([CLIPEncoderLayer(cfg) for _ in range(cfg["num_hidden_layers"])])
         self.final_layer_norm = nn.LayerNorm(dim, epsilon=cfg["layer_norm_eps"])
 
-    def forward(self, input_ids):
-        """input_ids: int64 [B, L] -> last hidden state [B, L, hidden_size] (after the final norm)."""
-        length = input_ids.shape[1]
-        x = self.embeddings.token_embedding(input_ids)
-        x = x + self.embeddings.position_embedding.weight[:length].unsqueeze(0)
-        causal = paddle.triu(paddle.full([length, length], float("-inf"), dtype=x.dtype), diagonal=1)
-        mask = causal[None, None]
-        for layer in self.encoder.layers:
-            x = layer(x, mask)
-        return self.final_layer_norm(x)
+    def embed_tokens(self, input_ids):
+        """int64 [B, L] -> token embeddings [B, L, hidden_size], before the position embeddings: where
+        textual-inversion vectors replace a token's (pipeline.encode_text)."""
+        return self.embeddings.token_embedding(input_ids)
+
+    def layer_outputs(self, token_embeds):
+        """Token embeddings [B, L, D] -> every layer's output after the final norm, [layers, B, L, D]:
+        clip_skip k takes the k-th from the end (1: the last layer, transformers' last_hidden_state)."""
+        return normed_layer_outputs(token_embeds, self.embeddings.position_embedding, self.encoder.layers,
+                                    self.final_layer_norm)
+
+    def forward(self, input_ids, clip_skip=1):
+        """input_ids: int64 [B, L] -> the hidden state [B, L, hidden_size] of the clip_skip-th layer from
+        the end, after the final norm (clip_skip 1: transformers' last_hidden_state)."""
+        return self.layer_outputs(self.embed_tokens(input_ids))[-clip_skip]
+
+
+def normed_layer_outputs(token_embeds, position_embedding, layers, final_layer_norm):
+    length = token_embeds.shape[1]
+    x = token_embeds + position_embedding.weight[:length].unsqueeze(0)
+    causal = paddle.triu(paddle.full([length, length], float("-inf"), dtype=x.dtype), diagonal=1)
+    mask = causal[None, None]
+    outputs = []
+    for layer in layers:
+        x = layer(x, mask)
+        outputs.append(final_layer_norm(x))
+    return paddle.stack(outputs)
