@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from stable_diffusion.adapters import adapter_keys
 from stable_diffusion.images import binarized_mask, to_model_range
 from stable_diffusion.loading import load_models, resolve_source
 from stable_diffusion.prompts import chunk_prompt
@@ -80,20 +81,25 @@ class StableDiffusionPipeline:
             self.text_encoder, self.unet, self.vae_encode, self.vae_decode = compile_for_cpu(models, cpu_threads())
 
     @classmethod
-    def load(cls, source=None, *, device="cpu", dtype="float32", engine="inference", variant=None):
+    def load(cls, source=None, *, device="cpu", dtype="float32", engine="inference", variant=None, loras=(),
+             vae=None, prediction_type=None):
         """The pipeline for weights at `source` (see loading/) on `device` ('cpu' or 'gpu'); `engine`
-        applies on the CPU, the GPU runs eagerly. With the UNet's CPU graph already saved, its eager
-        weights are never read."""
+        applies on the CPU, the GPU runs eagerly. `loras` [(file, weight), ...] are merged into the
+        weights, `vae` replaces the model's VAE (loading.load_models). With the UNet's CPU graph for
+        these weights already saved, its eager weights are never read."""
         engine = engine if device == "cpu" else "eager"
         path = resolve_source(source, variant)
-        skip = ("unet",) if engine == "inference" and cls.cpu_graphs_saved(path) else ()
-        return cls(load_models(path, dtype=dtype, variant=variant, skip_weights=skip), dtype, engine)
+        unet_key = adapter_keys(loras, vae).get("unet", ())
+        skip = ("unet",) if engine == "inference" and cls.cpu_graphs_saved(path, unet_key) else ()
+        models = load_models(path, dtype=dtype, variant=variant, skip_weights=skip, loras=loras, vae=vae,
+                             prediction_type=prediction_type)
+        return cls(models, dtype, engine)
 
     @staticmethod
-    def cpu_graphs_saved(path):
-        """Whether the CPU engine's graphs for the weights at `path` are saved already."""
+    def cpu_graphs_saved(path, adapters=()):
+        """Whether the CPU engine's UNet graph for the weights at `path` (with `adapters`) is saved already."""
         from stable_diffusion.cpu.compiled import unet_graph_cached
-        return unet_graph_cached(path)
+        return unet_graph_cached(path, adapters)
 
     @property
     def latent_channels(self):

@@ -53,10 +53,11 @@ class CLIPTokenizer:
         self._cache = {}
 
     @classmethod
-    def from_folder(cls, folder=None):
-        """The tokenizer of a diffusers model folder's `tokenizer/`, or the bundled SD v1 vocabulary."""
+    def from_folder(cls, folder=None, pad_token="<|endoftext|>"):
+        """The tokenizer of a diffusers model folder's `tokenizer/`, or the bundled vocabulary (SD 1.x and
+        2.x share it; SD 2.x pads with "!")."""
         folder = folder or BUNDLED_VOCAB_DIR
-        max_length, pad_token = 77, "<|endoftext|>"
+        max_length = 77
         config_path = os.path.join(folder, "tokenizer_config.json")
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as f:

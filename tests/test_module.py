@@ -154,7 +154,9 @@ def test_cached_graph_loads_without_eager_weights(module, sd1_folder):
     pipeline = fresh.load_pipeline(use_gpu=False, enable_fp16=False)
     models = pipeline.models
     for model in (models.text_encoder, models.unet, models.vae):  # the VAE's unused encoder included
-        assert not any(p._is_initialized() for p in model.parameters())
+        held = [name for name, p in model.named_parameters() if p._is_initialized()]
+        # The token lookup stays eager: textual-inversion vectors replace token embeddings there.
+        assert held == (["embeddings.token_embedding.weight"] if model is models.text_encoder else [])
     after = final_image(fresh.generate_image("a kite", seed=2, output_dir=None, progress=False, **FAST)[0])
     np.testing.assert_array_equal(before, after)
 

@@ -142,10 +142,10 @@ def test_shape_mismatch_names_key_and_shapes(sd1_folder, tmp_path):
 
 def test_unknown_keys_are_named(compvis_files, tmp_path):
     state = {k: torch.from_numpy(np.array(v)) for k, v in read_state_dict(compvis_files[0]).items()}
-    state["lora_unet_down_blocks_0.alpha"] = torch.ones(1)
+    state["model.diffusion_model.extra_block.weight"] = torch.ones(1)
     path = str(tmp_path / "extra.safetensors")
     save_file(state, path)
-    with pytest.raises(CheckpointError, match="lora_unet_down_blocks_0.alpha"):
+    with pytest.raises(CheckpointError, match="model.diffusion_model.extra_block.weight"):
         load_single_file(path, configs=SD1_CONFIGS)
 
 

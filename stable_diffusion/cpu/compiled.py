@@ -50,18 +50,24 @@ def weights_fingerprint(source, adapters=()):
     """Changes when the weights at `source` (a folder or a file) change, or what is merged into them
     (`adapters`: files and settings, e.g. a LoRA and its weight, or a VAE of its own)."""
     source = os.path.abspath(source)
-    paths = [source] if os.path.isfile(source) else sorted(
-        os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
+    paths = files_under(source) + [path for adapter in adapters if os.path.exists(adapter)
+                                   for path in files_under(adapter)]
     fused = attention_kernel(cache_root()) is not None
     digest = hashlib.sha256(f"{paddle.__version__} {source} fused attention: {fused} adapters: {list(adapters)}"
                             .encode())
     for path in TRACED_SOURCES:
         with open(path, "rb") as f:
             digest.update(f.read())
-    for path in paths + [a for a in adapters if os.path.isfile(a)]:
+    for path in paths:
         stat = os.stat(path)
         digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:24]
+
+
+def files_under(path):
+    """A file, or every file in a folder, by name."""
+    return [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
 
 
 def hold_derived_weights(graph):

@@ -63,6 +63,18 @@ def read_safetensors(path):
     return tensors
 
 
+def read_safetensors_metadata(path):
+    """The `__metadata__` strings of a .safetensors file's header ({} when it has none)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as err:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({err}): re-download it") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
 class _StorageType:
     def __init__(self, dtype):
         self.dtype = dtype
@@ -159,13 +171,16 @@ def read_torch_pickle(path):
             raise CheckpointError(f"{path} is truncated or corrupt ({err}): re-download it") from None
 
 
-def read_state_dict(path):
-    """Flat {name: numpy array} from a .safetensors, .ckpt, .bin or .pt file."""
+def read_state_dict(path, extras=None):
+    """Flat {name: numpy array} from a .safetensors, .ckpt, .bin or .pt file. `extras`, a dict, gets
+    a training checkpoint's `global_step` when it has one."""
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file {path} does not exist")
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     state = read_torch_pickle(path)
+    if extras is not None and isinstance(state, dict) and isinstance(state.get("global_step"), int):
+        extras["global_step"] = state["global_step"]
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -45,8 +45,9 @@ def read_json(path):
         raise CheckpointError(f"{path} is not valid JSON ({err})") from None
 
 
-def default_config(component):
-    return read_json(os.path.join(CONFIG_DIR, f"{component}.json"))
+def default_config(component, family="sd1"):
+    """The config of an SD 1.x model's component (SD v1.5's), or of an SD 2.x one (SD 2.1's)."""
+    return read_json(os.path.join(CONFIG_DIR, *(() if family == "sd1" else (family,)), f"{component}.json"))
 
 
 def linear_weight_names(model):
