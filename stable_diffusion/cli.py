@@ -34,11 +34,19 @@ def build_parser(model_env_var):
             cli["type"] = parse_bool
         if option.name == "sampler":
             cli["choices"] = SAMPLERS
-        parser.add_argument(f"--{option.name}", default=option.default, help=option.metadata["help"], **cli)
+        flag = cli.pop("flag", f"--{option.name}")
+        default = None if cli.get("action") == "append" else option.default  # argparse appends to a list
+        parser.add_argument(flag, dest=option.name, default=default, help=option.metadata["help"], **cli)
     parser.add_argument("--model", type=str, default=None,
                         help="weights: 'demo' (the small emoji model shipped with the module), a diffusers "
                              f"folder, a .safetensors/.ckpt file or a Hub repo id (default: ${model_env_var}, "
                              "else stable-diffusion-v1-5)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help="a VAE of its own instead of the model's: a .safetensors/.ckpt file or a diffusers VAE "
+                             "folder (e.g. vae-ft-mse-840000); default: $STABLE_DIFFUSION_VAE, else the model's")
+    parser.add_argument("--prediction_type", type=str, default=None, choices=("epsilon", "v_prediction"),
+                        help="what an SD 2.x single file's UNet predicts, when the file cannot tell (default: the "
+                             ".yaml beside it, else v_prediction as SD 2.x 768 px models; 512 px base: epsilon)")
     parser.add_argument("--variant", type=str, default=None,
                         help="for a Hub repo id: the weights variant to fetch, e.g. fp16 (half the download)")
     parser.add_argument("--from_png", type=str, default=None,
@@ -70,7 +78,8 @@ def parse_arguments(argvs, model_env_var):
     values = vars(args)
     options = {f.name: values[f.name] for f in dataclasses.fields(GenerationOptions) if f.name in values}
     options.update(style=args.style, artist=args.artist)
-    loading = {"model": args.model, "variant": args.variant, "cpu_engine": args.cpu_engine}
+    loading = {"model": args.model, "variant": args.variant, "cpu_engine": args.cpu_engine, "vae": args.vae,
+               "prediction_type": args.prediction_type}
     return prompts, options, loading
 
 

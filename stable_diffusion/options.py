@@ -7,6 +7,7 @@ means what the model folder's `generation_defaults.json` says (the demo model's)
 """
 import dataclasses
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,6 +17,7 @@ from stable_diffusion.samplers import SAMPLERS
 FRAME_DECODERS = ("preview", "vae")
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_BATCH, MAX_STEPS = 64, 1000
+MAX_CLIP_SKIP = 12  # SD 1.x's text encoder has 12 layers (the pipeline checks a model's own count)
 # The knobs a model folder may set for itself (generation_defaults.json), and their values elsewhere.
 MODEL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.5, "sampler": "plms"}
 
@@ -26,6 +28,21 @@ def _is_int(value):
 
 def _is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def parse_lora(entry):
+    """(file or name, weight) from a pair, or from 'FILE:WEIGHT' / 'FILE' (weight 1) as hub run gives it."""
+    if isinstance(entry, str):
+        name, _, weight = entry.rpartition(":")
+        if not name or not re.fullmatch(r"\s*[+-]?[\d.]+\s*", weight):
+            name, weight = entry, "1"
+        entry = (name, float(weight))
+    if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], str) or not entry[0]
+            or not _is_number(entry[1])):
+        raise ValueError(f"a LoRA is given as (file or name, weight), e.g. ('style.safetensors', 0.8); got {entry!r}")
+    if not -10 <= entry[1] <= 10:
+        raise ValueError(f"LoRA weight {entry[1]} for {entry[0]!r} is outside [-10, 10] (1 is typical)")
+    return entry[0], float(entry[1])
 
 
 def knob(default, help, **cli):
@@ -61,6 +78,16 @@ class GenerationOptions:
                            type=float)
     mask_image: Optional[object] = knob(
         None, "inpainting: a mask of init_image's size (a file); white is repainted, black kept", type=str)
+    loras: tuple = knob(
+        (), "LoRAs merged into the weights: (file or name, weight) pairs; a name is a file in the folder "
+        "$STABLE_DIFFUSION_LORA_DIR (a prompt's <lora:name:0.8> tag too); hub run: --lora FILE:WEIGHT, repeated",
+        flag="--lora", action="append", metavar="FILE:WEIGHT", type=str)
+    embeddings: tuple = knob(
+        (), "textual-inversion files; the name (the file's stem, or its token) in a prompt stands for its "
+        "vectors; every file in $STABLE_DIFFUSION_EMBEDDING_DIR is known by name too; hub run: --embedding FILE, "
+        "repeated", flag="--embedding", action="append", metavar="FILE", type=str)
+    clip_skip: int = knob(1, "the text encoder layer whose output guides, counted from the end: 1 the last, 2 the "
+                          "one before (as anime models expect)", type=int)
     use_gpu: bool = knob(True, "use a GPU when one is visible (True/False or 1/0)", type="bool")
     enable_fp16: bool = knob(False, "fp16 UNet and text encoder on GPU (True/False or 1/0)", type="bool")
 
@@ -106,6 +133,14 @@ class GenerationOptions:
                 raise ValueError(f"init_image is {width}x{height}: each side must be from {MIN_SIDE} to {MAX_SIDE} px "
                                  "(rounded down to a multiple of 8); resize it or give width_height")
             object.__setattr__(self, "init_image", image)
+        object.__setattr__(self, "loras", tuple(parse_lora(entry) for entry in self.loras or ()))
+        embeddings = self.embeddings or ()
+        if isinstance(embeddings, str) or not all(isinstance(e, str) and e for e in embeddings):
+            raise ValueError(f"embeddings must be a list of files (or names), got {self.embeddings!r}")
+        object.__setattr__(self, "embeddings", tuple(embeddings))
+        if not _is_int(self.clip_skip) or not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
+            raise ValueError(f"clip_skip must be an integer from 1 (the last layer) to {MAX_CLIP_SKIP}, "
+                             f"got {self.clip_skip!r}")
         if self.mask_image is not None:
             if self.init_image is None:
                 raise ValueError("mask_image needs an init_image: the picture whose masked part is repainted")

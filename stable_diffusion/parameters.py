@@ -47,6 +47,8 @@ def format_parameters(prompt, tags, model, batch_size=1, batch_position=0):
              "Model": model}
     if tags.get("eta"):
         pairs["Eta DDIM"] = tags["eta"]
+    if tags.get("clip_skip", 1) != 1:
+        pairs["Clip skip"] = tags["clip_skip"]
     if "strength" in tags:
         pairs["Denoising strength"] = tags["strength"]
     if batch_size > 1:
@@ -89,6 +91,8 @@ def parse_parameters(text):
             options["strength"] = float(pairs["Denoising strength"])
         if "Batch size" in pairs:
             options["batch_size"] = int(pairs["Batch size"])
+        if "Clip skip" in pairs:
+            options["clip_skip"] = int(pairs["Clip skip"])
     except ValueError as err:
         raise ValueError(f"the parameters text has a value that is not a number ({err}): {pairs}") from None
     if "Sampler" in pairs:

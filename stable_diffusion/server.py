@@ -36,7 +36,7 @@ def serve_request(generate_image, serving_keys, text_prompts=None, **kwargs):
     for name in ("init_image", "mask_image"):  # base64 here: a client never names a server file
         if kwargs.get(name) is not None:
             kwargs[name] = decode_base64_image(kwargs[name], name)
-    return generate_image(text_prompts=text_prompts, output_dir=None,
+    return generate_image(text_prompts=text_prompts, output_dir=None, names_only=True,
                           budget=RequestBudget.from_environment(served=True), **kwargs)
 
 

@@ -9,15 +9,19 @@ import threading
 import numpy as np
 from docarray import DocumentArray
 
+from stable_diffusion.adapters import embedding_files, resolve_lora
+from stable_diffusion.adapters.embeddings import Embeddings, read_embeddings
 from stable_diffusion.budget import RequestBudget
 from stable_diffusion.images import resized
 from stable_diffusion.loading import DEFAULT_MODEL
 from stable_diffusion.options import MODEL_DEFAULTS, GenerationOptions, build_prompts
 from stable_diffusion.parameters import format_parameters, model_name
+from stable_diffusion.prompts import extract_lora_tags
 from stable_diffusion.pipeline import ENGINES, StableDiffusionPipeline, select_device
 from stable_diffusion.results import build_prompt_document
 
 MODEL_ENV_VAR = "STABLE_DIFFUSION_MODEL"
+VAE_ENV_VAR = "STABLE_DIFFUSION_VAE"
 # A model folder may say which steps, guidance and sampler suit it (the demo model does).
 GENERATION_DEFAULTS_FILE = "generation_defaults.json"
 
@@ -44,40 +48,68 @@ def read_generation_defaults(source):
 
 
 class TextToImage:
-    def __init__(self, model=None, cpu_engine="inference", variant=None):
+    def __init__(self, model=None, cpu_engine="inference", variant=None, vae=None, prediction_type=None):
         if cpu_engine not in ENGINES:
             raise ValueError(f"cpu_engine must be one of {ENGINES}, got {cpu_engine!r}")
+        if prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or None, got {prediction_type!r}")
         self.model_source = resolve_model(model)
         self.cpu_engine = cpu_engine
         self.variant = variant
+        self.vae = vae or os.environ.get(VAE_ENV_VAR) or None
+        if self.vae and not os.path.exists(self.vae):
+            raise ValueError(f"VAE {self.vae} does not exist: give a .safetensors/.ckpt file or a diffusers VAE folder")
+        self.prediction_type = prediction_type
         self._pipeline = None
-        self._pipeline_device_dtype = None
+        self._pipeline_key = None
         self._lock = threading.Lock()
 
-    def load_pipeline(self, use_gpu, enable_fp16):
-        """The pipeline for this device and dtype, loaded on first use and kept."""
+    def load_pipeline(self, use_gpu, enable_fp16, loras=()):
+        """The pipeline for this device, dtype and LoRAs, loaded on first use and kept. Other LoRAs than
+        the last call's load the weights again and merge those (on CPU, their graphs are exported once
+        per set of LoRAs and weights, then loaded from the cache)."""
         device = select_device(use_gpu)
         dtype = "float16" if enable_fp16 and device == "gpu" else "float32"
         with self._lock:
-            if self._pipeline_device_dtype != (device, dtype):
+            if self._pipeline_key != (device, dtype, tuple(loras)):
                 self._pipeline = None  # free the old copy before loading another
-                self._pipeline = StableDiffusionPipeline.load(self.model_source, device=device, dtype=dtype,
-                                                              engine=self.cpu_engine, variant=self.variant)
-                self._pipeline_device_dtype = (device, dtype)
+                self._pipeline_key = None
+                self._pipeline = StableDiffusionPipeline.load(
+                    self.model_source, device=device, dtype=dtype, engine=self.cpu_engine, variant=self.variant,
+                    loras=loras, vae=self.vae, prediction_type=self.prediction_type)
+                self._pipeline_key = (device, dtype, tuple(loras))
             return self._pipeline
 
-    def generate_image(self, text_prompts, style=None, artist=None, progress=True, budget=None, **options):
+    def generate_image(self, text_prompts, style=None, artist=None, progress=True, budget=None, names_only=False,
+                       **options):
         """Keyword options: GenerationOptions' fields. budget: a RequestBudget (default: the limits set
-        in the environment, none when none is set)."""
+        in the environment, none when none is set). names_only: LoRAs and embeddings only by name, in
+        their folders (a served request never names a server path)."""
         prompts = build_prompts(text_prompts, style, artist)
         opts = GenerationOptions(**options)
-        pipeline = self.load_pipeline(opts.use_gpu, opts.enable_fp16)
+        # Everything a prompt asks for is found and read before any model is loaded.
+        option_loras = tuple((resolve_lora(name, names_only), weight) for name, weight in opts.loras)
+        runs = []
+        for prompt in prompts:
+            text, tagged = extract_lora_tags(prompt)
+            runs.append((prompt, text, option_loras + tuple((resolve_lora(name, names_only), weight)
+                                                            for name, weight in tagged)))
+        # The saved prompt names the LoRAs given as options too, as tags A1111 reads.
+        option_tags = "".join(f" <lora:{os.path.splitext(os.path.basename(path))[0]}:{weight:g}>"
+                              for path, weight in option_loras)
+        named_vectors = read_embeddings(embedding_files(opts.embeddings, names_only))
+        pipeline = self.load_pipeline(opts.use_gpu, opts.enable_fp16, runs[0][2])
         opts = opts.with_model_defaults(pipeline.native_size, read_generation_defaults(pipeline.models.source)
                                         if os.path.isdir(pipeline.models.source) else {})
         width, height = opts.width_height
         steps_run = opts.num_inference_steps if opts.init_image is None else int(
             opts.num_inference_steps * opts.strength)
         (budget or RequestBudget.from_environment()).check(width, height, len(prompts) * opts.batch_size, steps_run)
+        text_layers = pipeline.models.text_encoder.config["num_hidden_layers"]
+        if opts.clip_skip > text_layers:
+            raise ValueError(f"clip_skip {opts.clip_skip} is more than this model's {text_layers} text encoder layers")
+        embeddings = Embeddings(named_vectors, pipeline.models.tokenizer,
+                                pipeline.models.text_encoder.config["hidden_size"]) if named_vectors else None
         latents = opts.latents
         if latents is not None:
             expected = pipeline.latent_shape(opts.batch_size, height, width)
@@ -100,17 +132,26 @@ class TextToImage:
             tags["eta"] = float(opts.eta)
         if init_image is not None:
             tags.update(strength=float(opts.strength), mask=mask is not None)
+        if opts.clip_skip != 1:
+            tags["clip_skip"] = opts.clip_skip
+        if embeddings:
+            tags["embeddings"] = embeddings.names
         model = model_name(self.model_source)
         documents = DocumentArray()
-        for prompt in prompts:
+        for prompt, text, loras in runs:
+            pipeline = self.load_pipeline(opts.use_gpu, opts.enable_fp16, loras)
             images, frames = pipeline(
-                prompt, negative_prompt=opts.negative_prompt or "", height=height, width=width,
+                text, negative_prompt=opts.negative_prompt or "", height=height, width=width,
                 batch_size=opts.batch_size, num_inference_steps=opts.num_inference_steps,
                 guidance_scale=float(opts.guidance_scale), sampler=opts.sampler, eta=float(opts.eta), seed=seed,
                 latents=latents, display_rate=opts.display_rate, frame_decoder=opts.frame_decoder,
-                progress=progress, init_image=init_image, strength=float(opts.strength), mask=mask)
-            parameters = [format_parameters(prompt, tags, model, opts.batch_size, j) for j in range(len(images))]
-            documents.append(build_prompt_document(prompt, images, frames, tags, opts.output_dir, parameters))
+                progress=progress, init_image=init_image, strength=float(opts.strength), mask=mask,
+                clip_skip=opts.clip_skip, embeddings=embeddings)
+            prompt_tags = {**tags, "loras": [[os.path.basename(path), weight] for path, weight in loras]} if loras \
+                else tags
+            parameters = [format_parameters(prompt + option_tags, prompt_tags, model, opts.batch_size, j)
+                          for j in range(len(images))]
+            documents.append(build_prompt_document(prompt, images, frames, prompt_tags, opts.output_dir, parameters))
         return documents
 
 

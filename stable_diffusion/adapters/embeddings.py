@@ -48,6 +48,17 @@ def read_embedding(path):
     return name, vectors
 
 
+def read_embeddings(paths):
+    """{name: vectors} from textual-inversion files, read (and refused when broken) before any work."""
+    named = {}
+    for path in paths:
+        name, vectors = read_embedding(path)
+        if name in named:
+            raise ValueError(f"two embeddings are named {name!r} (the second is {path}): rename one")
+        named[name] = vectors
+    return named
+
+
 class Embeddings:
     """Embeddings by name, found in a prompt's tokens (prompts.chunk_prompt calls find_at)."""
 
@@ -65,16 +76,6 @@ class Embeddings:
             self.by_first_token.setdefault(ids[0], []).append((ids, vectors))
         for candidates in self.by_first_token.values():
             candidates.sort(key=lambda candidate: -len(candidate[0]))  # the longest name first
-
-    @classmethod
-    def from_files(cls, paths, tokenizer, width):
-        named = {}
-        for path in paths:
-            name, vectors = read_embedding(path)
-            if name in named:
-                raise ValueError(f"two embeddings are named {name!r} (the second is {path}): rename one")
-            named[name] = vectors
-        return cls(named, tokenizer, width)
 
     def find_at(self, tokens, position):
         """(vectors, the name's token count) if an embedding's name starts at tokens[position], else None."""
