@@ -7,8 +7,6 @@ through a key table first (single_file.py). Files are read without PyTorch (chec
 """
 import os
 
-from stable_diffusion.adapters import adapter_keys
-from stable_diffusion.adapters.lora import merge_loras
 from stable_diffusion.loading.checkpoint_files import CheckpointError
 from stable_diffusion.loading.diffusers_folder import load_folder
 from stable_diffusion.loading.single_file import load_single_file
@@ -23,6 +21,8 @@ def load_models(source=None, dtype="float32", variant=None, skip_weights=(), lor
     `skip_weights` are built without their weights. `loras`: [(file, weight), ...] merged into the
     UNet and text encoder (adapters/lora.py); `vae`: a VAE of its own (vae_file.py);
     `prediction_type`: 'epsilon' or 'v_prediction' where the weights cannot tell (SD 2.x files)."""
+    from stable_diffusion.adapters import adapter_keys  # adapters/ reads files with loading/'s readers
+    from stable_diffusion.adapters.lora import merge_loras
     path = resolve_source(source, variant)
     skip = tuple(skip_weights) + (("vae",) if vae else ())
     if os.path.isdir(path):
