@@ -67,6 +67,7 @@ def test_single_file_matches_reference(compvis_files, sd1_reference, which):
     assert max_relative_error(ours_unet.numpy(), to_numpy(unet_out)) < 1e-4
     assert max_relative_error(ours_image.numpy(), to_numpy(image)) < 1e-4
     assert models.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert models.scheduler_config["clip_sample"] is False  # SD v1.5's: DDIM must not clip its x0
 
 
 def test_bfloat16_and_float16_safetensors_read(tmp_path):
