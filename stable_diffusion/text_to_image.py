@@ -134,8 +134,6 @@ class TextToImage:
             tags.update(strength=float(opts.strength), mask=mask is not None)
         if opts.clip_skip != 1:
             tags["clip_skip"] = opts.clip_skip
-        if embeddings:
-            tags["embeddings"] = embeddings.names
         model = model_name(self.model_source)
         documents = DocumentArray()
         for prompt, text, loras in runs:
@@ -147,8 +145,12 @@ class TextToImage:
                 latents=latents, display_rate=opts.display_rate, frame_decoder=opts.frame_decoder,
                 progress=progress, init_image=init_image, strength=float(opts.strength), mask=mask,
                 clip_skip=opts.clip_skip, embeddings=embeddings)
-            prompt_tags = {**tags, "loras": [[os.path.basename(path), weight] for path, weight in loras]} if loras \
-                else tags
+            prompt_tags = dict(tags)
+            if loras:
+                prompt_tags["loras"] = [[os.path.basename(path), weight] for path, weight in loras]
+            used = embeddings.used_in([text, opts.negative_prompt or ""], pipeline.models.tokenizer) if embeddings else []
+            if used:
+                prompt_tags["embeddings"] = used
             parameters = [format_parameters(prompt + option_tags, prompt_tags, model, opts.batch_size, j)
                           for j in range(len(images))]
             documents.append(build_prompt_document(prompt, images, frames, prompt_tags, opts.output_dir, parameters))

@@ -202,3 +202,24 @@ def test_served_loras_by_name_only(sd1_folder, lora_files, monkeypatch):
     monkeypatch.delenv("STABLE_DIFFUSION_LORA_DIR")
     with pytest.raises(ValueError, match="operator sets STABLE_DIFFUSION_LORA_DIR"):
         serve_request(generator.generate_image, SERVING_KEYS, "a boat", loras=[["kohya_style", 0.5]], **request)
+
+
+def test_hub_run_flags_for_community_models(sd1_folder, lora_files, tmp_path):
+    """--lora FILE:WEIGHT (repeated), --embedding, --clip_skip and --vae reach the picture and its PNG."""
+    from stable_diffusion.cli import parse_arguments
+    from stable_diffusion.module import StableDiffusion
+    from stable_diffusion.parameters import read_png_parameters
+    embedding = tmp_path / "shiny.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
+    argv = ["--text_prompts", "a shiny teapot", "--lora", f"{lora_files['kohya']}:0.6", "--lora", lora_files["peft"],
+            "--embedding", str(embedding), "--clip_skip", "2", "--width_height", "64", "64",
+            "--num_inference_steps", "2", "--display_rate", "0", "--seed", "3", "--use_gpu", "False",
+            "--output_dir", str(tmp_path / "out"), "--vae", os.path.join(sd1_folder, "vae")]
+    _, options, loading = parse_arguments(argv, "STABLE_DIFFUSION_MODEL")
+    assert options["loras"] == [f"{lora_files['kohya']}:0.6", lora_files["peft"]] and options["clip_skip"] == 2
+    module = StableDiffusion(model=sd1_folder)
+    (path,) = module.run_cmd(argv)
+    assert module.text_to_image.vae == loading["vae"] == os.path.join(sd1_folder, "vae")
+    saved, _ = read_png_parameters(path)
+    assert saved["clip_skip"] == 2
+    assert saved["text_prompts"] == "a shiny teapot <lora:kohya_style:0.6> <lora:pytorch_lora_weights:1>"

@@ -197,3 +197,22 @@ def test_embedding_for_another_width_is_refused(tmp_path, tokenizer):
     broken.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a PyTorch zip checkpoint"):
         read_embedding(str(broken))
+
+
+def test_embedding_folder_and_served_names(sd1_folder, tmp_path, monkeypatch):
+    from stable_diffusion.server import serve_request
+    from stable_diffusion.text_to_image import SERVING_KEYS, TextToImage
+    write_embedding(str(tmp_path / "glowing.safetensors"), "a1111_safetensors",
+                    np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32))
+    monkeypatch.setenv("STABLE_DIFFUSION_EMBEDDING_DIR", str(tmp_path))
+    generator = TextToImage(sd1_folder)
+    request = dict(width_height=[64, 64], num_inference_steps=2, display_rate=0, seed=1)
+    served = serve_request(generator.generate_image, SERVING_KEYS, "a glowing lamp", **request)
+    assert served[0].tags["embeddings"] == ["glowing"]
+    plain = serve_request(generator.generate_image, SERVING_KEYS, "a lamp", **request)
+    assert "embeddings" not in plain[0].tags  # known from the folder, but not used
+    with pytest.raises(ValueError, match="not a plain file name"):
+        serve_request(generator.generate_image, SERVING_KEYS, "a lamp", embeddings=[str(tmp_path / "glowing.safetensors")],
+                      **request)
+    with pytest.raises(ValueError, match="no embedding called 'dull'"):
+        serve_request(generator.generate_image, SERVING_KEYS, "a lamp", embeddings=["dull"], **request)

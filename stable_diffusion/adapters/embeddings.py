@@ -64,6 +64,7 @@ class Embeddings:
 
     def __init__(self, named_vectors, tokenizer, width):
         self.names = sorted(named_vectors)
+        self.name_of = {}
         self.by_first_token = {}
         for name, vectors in named_vectors.items():
             if vectors.shape[1] != width:
@@ -74,8 +75,20 @@ class Embeddings:
             if not ids:
                 raise ValueError(f"embedding name {name!r} has no tokens: rename its file")
             self.by_first_token.setdefault(ids[0], []).append((ids, vectors))
+            self.name_of[tuple(ids)] = name
         for candidates in self.by_first_token.values():
             candidates.sort(key=lambda candidate: -len(candidate[0]))  # the longest name first
+
+    def used_in(self, texts, tokenizer):
+        """The names of the embeddings these texts use, for the picture's tags."""
+        used = set()
+        for text in texts:
+            tokens = tokenizer.tokenize(text)
+            for position in range(len(tokens)):
+                for ids, _ in self.by_first_token.get(tokens[position], ()):
+                    if tokens[position:position + len(ids)] == ids:
+                        used.add(self.name_of[tuple(ids)])
+        return sorted(used)
 
     def find_at(self, tokens, position):
         """(vectors, the name's token count) if an embedding's name starts at tokens[position], else None."""
