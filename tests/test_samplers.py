@@ -13,10 +13,10 @@ LINEAR = {**SCHEDULER, "beta_schedule": "linear", "beta_start": 0.0001, "beta_en
 
 def reference_scheduler(name, config):
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, PNDMScheduler)
+                           EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
     cls = {"plms": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
            "euler_a": EulerAncestralDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
-           "dpmpp_2m_karras": DPMSolverMultistepScheduler}[name]
+           "dpmpp_2m_karras": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}[name]
     extra = {"use_karras_sigmas": True} if name == "dpmpp_2m_karras" else {}
     return cls.from_config({**config, **extra})
 

@@ -119,6 +119,11 @@ def test_prediction_type_where_the_weights_cannot_tell(sd2, tmp_path):
     ckpt = str(tmp_path / "512-base-ema.ckpt")
     torch.save({"state_dict": sd2_file_state(reference), "global_step": 875000}, ckpt)  # SD 2.0 base's step count
     assert load_single_file(ckpt, configs=SD2_CONFIGS).scheduler_config["prediction_type"] == "epsilon"
+    inpainting = sd2_file_state(reference)
+    inpainting["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(32, 9, 3, 3)  # + mask + masked picture
+    save_file(inpainting, str(tmp_path / "512-inpainting-ema.safetensors"))
+    models = load_single_file(str(tmp_path / "512-inpainting-ema.safetensors"), configs=SD2_CONFIGS)
+    assert models.unet.config["in_channels"] == 9 and models.scheduler_config["prediction_type"] == "epsilon"
     structure_only = ("text_encoder", "unet", "vae")  # SD 2.1's full-size configs, no weights read into them
     assert load_single_file(ckpt, skip_weights=structure_only).unet.config["sample_size"] == 64  # 512 px base
     assert load_single_file(str(copy), skip_weights=structure_only).unet.config["sample_size"] == 96  # 768 px v

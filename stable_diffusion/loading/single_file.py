@@ -203,10 +203,11 @@ def split_compvis_state_dict(state, unet_config, vae_config, where, text_layers=
     return parts
 
 
-def prediction_type_of(path, family, global_step, asked=None):
+def prediction_type_of(path, family, global_step, asked=None, inpainting=False):
     """What an SD 2.x UNet predicts, which its weights do not say: `asked`, else the config beside the
     file as A1111 reads it (`<name>.yaml` with `parameterization: "v"`), else diffusers' rule
-    (epsilon for the 512 px base model's step count, 875,000; v_prediction otherwise). SD 1.x: epsilon."""
+    (epsilon for the 512 px base model's step count, 875,000, and for SD 2.x inpainting; v_prediction
+    otherwise). SD 1.x: epsilon."""
     if asked is not None:
         return asked
     if family == "sd1":
@@ -216,7 +217,7 @@ def prediction_type_of(path, family, global_step, asked=None):
         with open(yaml_path, encoding="utf-8") as f:
             text = f.read()
         return "v_prediction" if re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
-    return "epsilon" if global_step == SD2_BASE_GLOBAL_STEP else "v_prediction"
+    return "epsilon" if global_step == SD2_BASE_GLOBAL_STEP or inpainting else "v_prediction"
 
 
 def load_single_file(path, dtype="float32", configs=None, skip_weights=(), prediction_type=None):
@@ -232,7 +233,8 @@ def load_single_file(path, dtype="float32", configs=None, skip_weights=(), predi
     conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != configs["unet"].get("in_channels", 4):
         configs["unet"] = {**configs["unet"], "in_channels": int(conv_in.shape[1])}
-    prediction = prediction_type_of(path, family, extras.get("global_step"), prediction_type)
+    prediction = prediction_type_of(path, family, extras.get("global_step"), prediction_type,
+                                    inpainting=configs["unet"].get("in_channels") == 9)
     configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction}
     if family == "sd2" and prediction == "epsilon" and not given.get("unet"):
         configs["unet"] = {**configs["unet"], "sample_size": 64}  # the 512 px base model
