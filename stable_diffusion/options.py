@@ -63,6 +63,9 @@ class GenerationOptions:
         None, f"classifier-free guidance scale (default: the model's, else {MODEL_DEFAULTS['guidance_scale']}; "
         "1 or less: the prompt alone)", type=float)
     negative_prompt: Optional[str] = knob(None, "what the image should not show", type=str)
+    guidance_cutoff: Optional[float] = knob(
+        None, "stop classifier-free guidance after this fraction of the steps, (0, 1): the later steps run one "
+        "UNet pass instead of two (diffusers' SDCFGCutoffCallback); default: guide every step", type=float)
     sampler: Optional[str] = knob(None, f"one of {', '.join(SAMPLERS)} (default: the model's, else "
                                   f"{MODEL_DEFAULTS['sampler']})", type=str)
     eta: float = knob(0.0, "DDIM noise (0: deterministic)", type=float)
@@ -111,6 +114,10 @@ class GenerationOptions:
         guidance = self.guidance_scale
         if guidance is not None and (not _is_number(guidance) or not 0 <= guidance <= 100):
             raise ValueError(f"guidance_scale must be a number from 0 to 100 (7.5 is typical), got {guidance!r}")
+        cutoff = self.guidance_cutoff
+        if cutoff is not None and (not _is_number(cutoff) or not 0 < cutoff < 1):
+            raise ValueError(f"guidance_cutoff must be a fraction of the steps in (0, 1) (0.4 is typical), or None to "
+                             f"guide every step; got {cutoff!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}")
         if self.sampler is not None and self.sampler not in SAMPLERS:

@@ -215,22 +215,29 @@ class StableDiffusionPipeline:
 
     @paddle.no_grad()
     def denoise(self, latents, prompt_embeds, negative_prompt_embeds, sampler, guidance_scale, rng,
-                display_rate=0, frame_decoder="preview", progress=True, inpainting=None):
-        """The sampling loop; guided when negative_prompt_embeds is given. Returns (latents, frames:
-        list of (step, uint8 images)), a frame every `display_rate` steps before the last."""
+                display_rate=0, frame_decoder="preview", progress=True, inpainting=None, guidance_cutoff=None):
+        """The sampling loop; guided when negative_prompt_embeds is given, until the step index
+        int(steps x guidance_cutoff) included, then by the prompt alone (one UNet pass a step instead of
+        two), as diffusers' SDCFGCutoffCallback. Returns (latents, frames: list of (step, uint8 images)),
+        a frame every `display_rate` steps before the last."""
         batch_size = latents.shape[0]
-        guided = negative_prompt_embeds is not None
-        context = paddle.concat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
-        context = context.astype(self.dtype).repeat_interleave(batch_size, axis=0)
-        frames = []
         steps = sampler.timesteps
+        last_guided = len(steps) if guidance_cutoff is None else int(len(steps) * guidance_cutoff)
+        conditional = prompt_embeds.astype(self.dtype).repeat_interleave(batch_size, axis=0)
+        context = conditional
+        if negative_prompt_embeds is not None:
+            context = paddle.concat([negative_prompt_embeds, prompt_embeds])
+            context = context.astype(self.dtype).repeat_interleave(batch_size, axis=0)
+        frames = []
         for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling")):
+            guided = negative_prompt_embeds is not None and i <= last_guided
             model_input = sampler.scale_model_input(latents, i)
             if inpainting is not None and inpainting.unet_extra is not None:
                 model_input = paddle.concat([model_input, inpainting.unet_extra], axis=1)
             if guided:
                 model_input = paddle.concat([model_input, model_input])
-            noise_pred = self.unet(model_input.astype(self.dtype), float(t), context).astype("float32")
+            noise_pred = self.unet(model_input.astype(self.dtype), float(t),
+                                   context if guided else conditional).astype("float32")
             if guided:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
@@ -264,13 +271,14 @@ class StableDiffusionPipeline:
                  num_inference_steps=50, guidance_scale=7.5, sampler="plms", eta=0.0, seed=0,
                  latents=None, display_rate=0, frame_decoder="preview", progress=True,
                  prompt_embeds=None, negative_prompt_embeds=None, init_image=None, strength=0.8, mask=None,
-                 clip_skip=1, embeddings=None):
+                 clip_skip=1, embeddings=None, guidance_cutoff=None):
         """Returns (final uint8 images [B, H, W, 3], frames: list of (step, uint8 images)), the final
         images last. `prompt_embeds` / `negative_prompt_embeds` ([1, L, D]) stand in for the texts.
         `init_image` (uint8 [height, width, 3]): image-to-image from it, `strength` of the steps run;
         with `mask` (uint8 [height, width], white repainted), inpainting. Prompts are read in A1111's
         syntax (prompts.py); `embeddings` are textual-inversion vectors by name, `clip_skip` the
-        text encoder's layer from the end whose output guides.
+        text encoder's layer from the end whose output guides. `guidance_cutoff` in (0, 1): guidance
+        stops after that fraction of the steps (denoise).
         Randomness comes from `seed` alone: the picture's latent sample, the initial noise, each step's."""
         if self.is_inpainting_model and (init_image is None or mask is None):
             raise ValueError("this is an inpainting checkpoint (its UNet takes a mask): give init_image and "
@@ -295,7 +303,7 @@ class StableDiffusionPipeline:
         elif negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
             prompt_embeds, negative_prompt_embeds = self.pad_to_same_chunks(prompt_embeds, negative_prompt_embeds)
         latents, frames = self.denoise(latents, prompt_embeds, negative_prompt_embeds, scheduler, guidance_scale,
-                                       rng, display_rate, frame_decoder, progress, inpainting)
+                                       rng, display_rate, frame_decoder, progress, inpainting, guidance_cutoff)
         images = self.decode(latents)
         frames.append((len(scheduler.timesteps), images))
         return images, frames

@@ -177,3 +177,27 @@ def test_cpu_threads_ignore_the_one_thread_paddle_sets_on_import(monkeypatch):
     assert cpu_threads() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_threads() == 3
+
+
+@pytest.mark.parametrize("engine", ["eager", "inference"])
+@pytest.mark.parametrize("sampler,cutoff", [("plms", 0.4), ("unipc", 0.25)])
+def test_guidance_cutoff_matches_diffusers_callback(pipelines, sd1_reference, engine, sampler, cutoff):
+    """Guidance stops after a fraction of the steps, as diffusers' SDCFGCutoffCallback stops it."""
+    from diffusers import UniPCMultistepScheduler
+    from diffusers.callbacks import SDCFGCutoffCallback
+    engines, reference = pipelines
+    theirs = reference("plms")
+    if sampler == "unipc":
+        theirs.scheduler = UniPCMultistepScheduler.from_config(SCHEDULER)
+    run = dict(height=64, width=64, num_inference_steps=8, guidance_scale=7.5)
+    latents = np.random.default_rng(9).standard_normal(engines[engine].latent_shape(1, 64, 64)).astype(np.float32)
+    expected = theirs("a fox in the snow", latents=torch.from_numpy(latents), output_type="np",
+                      callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=cutoff), **run).images
+    expected = (expected * 255).round().astype(np.uint8)
+    images, _ = engines[engine]("a fox in the snow", sampler=sampler, latents=latents, progress=False,
+                                guidance_cutoff=cutoff, **run)
+    full, _ = engines[engine]("a fox in the snow", sampler=sampler, latents=latents, progress=False, **run)
+    difference = np.abs(images.astype(int) - expected.astype(int)).max()
+    print(f"{sampler} cut off at {cutoff} ({engine}): max uint8 difference {difference}")
+    assert difference <= 2
+    assert np.abs(full.astype(int) - expected.astype(int)).max() > 2  # the cut-off changes the picture
