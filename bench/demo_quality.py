@@ -7,6 +7,7 @@ top-1 and top-5 accuracy (chance: 1 and 5 in 1,361) and writes a grid: each prom
 the emoji it names.
 
     .venv/bin/python bench/demo_quality.py [--guidance_scale 5 --num_inference_steps 20 --sampler ddim]
+    .venv/bin/python bench/demo_quality.py --sampler unipc --num_inference_steps 10 --guidance_cutoff 0.4
 
 References: tests/data/emoji_thumbnails.npz (no font needed).
 """
@@ -40,6 +41,7 @@ def main():
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--num_inference_steps", type=int, default=None)
     parser.add_argument("--sampler", default=None)
+    parser.add_argument("--guidance_cutoff", type=float, default=None)
     parser.add_argument("--drop_prompt", action="store_true", help="a control: generate from an unrelated prompt")
     parser.add_argument("--grid", default=os.path.join(HERE, "demo_quality.png"))
     args = parser.parse_args()
@@ -48,7 +50,7 @@ def main():
     names, references = load_references(REFERENCES)
     module = StableDiffusion(model=args.model)
     overrides = {k: v for k, v in vars(args).items()
-                 if k in ("guidance_scale", "num_inference_steps", "sampler") and v is not None}
+                 if k in ("guidance_scale", "num_inference_steps", "sampler", "guidance_cutoff") and v is not None}
     ranks, tiles, start = [], [], time.perf_counter()
     for seed, name in enumerate(PROMPTS):
         prompt = "a drawing" if args.drop_prompt else name

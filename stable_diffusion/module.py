@@ -14,7 +14,7 @@ from stable_diffusion.text_to_image import MODEL_ENV_VAR, SERVING_KEYS, TextToIm
 @moduleinfo(name="stable_diffusion",
             version="1.0.0",
             type="image/text_to_image",
-            summary="Stable Diffusion v1 text-to-image in PaddlePaddle: PLMS, DDIM, Euler and DPM++ samplers.",
+            summary="Stable Diffusion 1.x/2.x in PaddlePaddle: text-to-image, image-to-image, inpainting, LoRAs.",
             author="stable_diffusion for PaddleHub authors",
             author_email="")
 class StableDiffusion(RunModule):

@@ -18,7 +18,7 @@ from stable_diffusion.loading.sources import DEMO_MODEL
 PNG_KEY = "parameters"
 # Ours -> A1111's names (A1111 1.6+ writes Karras as "Schedule type: Karras"; older ones in the name).
 A1111_SAMPLERS = {"plms": "PLMS", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
-                  "dpmpp_2m_karras": "DPM++ 2M Karras"}
+                  "dpmpp_2m_karras": "DPM++ 2M Karras", "unipc": "UniPC"}
 NEGATIVE_PREFIX = "Negative prompt:"
 # `Key: value` pairs of the last line; a value with a comma is JSON-quoted (A1111's own convention).
 PAIR = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')

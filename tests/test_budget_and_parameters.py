@@ -119,3 +119,9 @@ def test_a_png_without_parameters_is_refused(tmp_path):
         read_png_parameters(str(path))
     with pytest.raises(ValueError, match="could not be read as an image"):
         read_png_parameters(str(tmp_path / "missing.png"))
+
+
+def test_every_sampler_has_an_a1111_name():
+    from stable_diffusion.parameters import A1111_SAMPLERS
+    from stable_diffusion.samplers import SAMPLERS
+    assert set(A1111_SAMPLERS) == set(SAMPLERS)
