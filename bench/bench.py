@@ -24,6 +24,7 @@ import numpy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+from stable_diffusion.options import FAST_PRESET as FAST  # noqa: E402 (imports no Paddle: this process sets no threads)
 
 
 def sd15_config(component):
@@ -83,6 +84,11 @@ def image_to_image_row(size, steps):
     return f"image-to-image, {size} px, {2 * steps} steps x strength 0.5"
 
 
+def fast_row(size):
+    return (f"whole image, {size} px, --fast ({FAST['sampler']} {FAST['num_inference_steps']} steps, guided to "
+            f"{FAST['guidance_cutoff']:.0%})")
+
+
 def ours_rows(folder, sizes, steps_by_size, engine, fp16):
     """(device, seconds to load, {row: (callable, warm up first)}, peak memory in MiB as a callable)"""
     import paddle
@@ -112,7 +118,9 @@ def ours_rows(folder, sizes, steps_by_size, engine, fp16):
                 to_model_range(init_image(size)), numpy.random.default_rng(0)).numpy(), True),
             image_to_image_row(size, steps): (lambda size=size, steps=steps: pipe(
                 "a photo of a cat", height=size, width=size, num_inference_steps=2 * steps, guidance_scale=7.5,
-                sampler="ddim", seed=0, progress=False, init_image=init_image(size), strength=0.5), False)})
+                sampler="ddim", seed=0, progress=False, init_image=init_image(size), strength=0.5), False),
+            fast_row(size): (lambda size=size: pipe("a photo of a cat", height=size, width=size, guidance_scale=7.5,
+                                                    seed=0, progress=False, **FAST), False)})
     if device == "gpu":
         return device, load_seconds, rows, lambda: paddle.device.cuda.max_memory_allocated() / 2**20
     return device, load_seconds, rows, peak_rss_mib
@@ -138,6 +146,11 @@ def diffusers_rows(folder, sizes, steps_by_size, engine, fp16):
     pipe.set_progress_bar_config(disable=True)
     image_to_image = StableDiffusionImg2ImgPipeline(**pipe.components)
     image_to_image.set_progress_bar_config(disable=True)
+    from diffusers import UniPCMultistepScheduler
+    from diffusers.callbacks import SDCFGCutoffCallback
+    fast_pipe = StableDiffusionPipeline(**{**pipe.components, "scheduler": UniPCMultistepScheduler.from_config(
+        pipe.scheduler.config)})
+    fast_pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - start
     torch.set_grad_enabled(False)
     rows = {"text encoding (2 prompts)": (lambda: pipe.encode_prompt("a photo of a cat", device, 1, True, ""), True)}
@@ -156,7 +169,11 @@ def diffusers_rows(folder, sizes, steps_by_size, engine, fp16):
                 True),
             image_to_image_row(size, steps): (lambda size=size, steps=steps: image_to_image(
                 "a photo of a cat", image=init_image(size), num_inference_steps=2 * steps, strength=0.5,
-                output_type="np"), False)})
+                output_type="np"), False),
+            fast_row(size): (lambda size=size: fast_pipe(
+                "a photo of a cat", height=size, width=size, num_inference_steps=FAST["num_inference_steps"],
+                output_type="np", callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=FAST["guidance_cutoff"])),
+                False)})
     if device == "cuda":
         return device, load_seconds, rows, lambda: torch.cuda.max_memory_allocated() / 2**20
     return device, load_seconds, rows, peak_rss_mib

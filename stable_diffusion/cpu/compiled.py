@@ -204,7 +204,11 @@ def unet_graph_cached(source, adapters=()):
 class CompiledLayer:
     """A saved graph run by a Paddle Inference predictor with oneDNN. `shapes_kept`: when inputs come
     in more shapes than that, run a new predictor, so that oneDNN's caches hold the latest shapes only
-    (see above); the text encoder keeps two (a guided prompt of one chunk and an unguided one)."""
+    (see above). The text encoder keeps two (a guided prompt of one chunk and an unguided one); so does
+    the UNet: with guidance cut off, a guided step's batch of 2 and an unguided step's batch of 1
+    alternate within every image, and a new predictor at each change made the demo model's images
+    1.6x slower instead of faster (bench/demo_quality.py --guidance_cutoff 0.4: 3.6 s against 2.2 s).
+    A second shape costs a second oneDNN copy of the convolution weights only when it is used."""
 
     def __init__(self, graph, input_spec, folder, threads, shapes_kept=1):
         if not os.path.isdir(folder):
@@ -286,7 +290,7 @@ def compile_for_cpu(models, threads):
                           [InputSpec([None, channels, None, None], "float32", "sample"),
                            InputSpec([None, time_dim], "float32", "time_features"),
                            InputSpec([None, None, cross_dim], "float32", "context")],
-                          folder("unet"), threads)
+                          folder("unet"), threads, shapes_kept=2)
 
     def unet(sample, timestep, context):
         return graph(sample, models.unet.time_features(timestep), context)
