@@ -49,6 +49,8 @@ def format_parameters(prompt, tags, model, batch_size=1, batch_position=0):
         pairs["Eta DDIM"] = tags["eta"]
     if tags.get("clip_skip", 1) != 1:
         pairs["Clip skip"] = tags["clip_skip"]
+    if tags.get("guidance_cutoff") is not None:
+        pairs["Guidance cutoff"] = tags["guidance_cutoff"]  # ours; A1111 keeps keys it does not know
     if "strength" in tags:
         pairs["Denoising strength"] = tags["strength"]
     if batch_size > 1:
@@ -93,6 +95,8 @@ def parse_parameters(text):
             options["batch_size"] = int(pairs["Batch size"])
         if "Clip skip" in pairs:
             options["clip_skip"] = int(pairs["Clip skip"])
+        if "Guidance cutoff" in pairs:
+            options["guidance_cutoff"] = float(pairs["Guidance cutoff"])
     except ValueError as err:
         raise ValueError(f"the parameters text has a value that is not a number ({err}): {pairs}") from None
     if "Sampler" in pairs:

@@ -125,3 +125,13 @@ def test_every_sampler_has_an_a1111_name():
     from stable_diffusion.parameters import A1111_SAMPLERS
     from stable_diffusion.samplers import SAMPLERS
     assert set(A1111_SAMPLERS) == set(SAMPLERS)
+
+
+def test_clip_skip_cutoff_and_unipc_survive_the_round_trip():
+    tags = {"steps": 10, "sampler": "unipc", "guidance_scale": 7.5, "seed": 3, "width": 64, "height": 64,
+            "clip_skip": 2, "guidance_cutoff": 0.4}
+    text = format_parameters("a cat <lora:style:0.8>", tags, "demo")
+    assert "Sampler: UniPC" in text and "Clip skip: 2" in text and "Guidance cutoff: 0.4" in text
+    options, _ = parse_parameters(text)
+    assert (options["sampler"], options["clip_skip"], options["guidance_cutoff"]) == ("unipc", 2, 0.4)
+    assert options["text_prompts"] == "a cat <lora:style:0.8>"
