@@ -10,6 +10,7 @@ import paddle
 from tqdm import tqdm
 
 from stable_diffusion.adapters import adapter_keys
+from stable_diffusion.adapters.lora import planned_updates
 from stable_diffusion.images import binarized_mask, to_model_range
 from stable_diffusion.loading import load_models, resolve_source
 from stable_diffusion.prompts import chunk_prompt
@@ -44,6 +45,20 @@ def cpu_threads():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def graph_parameter_parts(component, name, delta):
+    """[(the traced graph layer's name for a part of parameter `name`, that part's update)]: the UNet
+    graph holds the UNet under `unet.` and GEGLU's projection as two halves (cpu/compiled.py,
+    hold_derived_weights); the text encoder's graph holds its layers without `encoder.`."""
+    if component == "text_encoder":
+        return [(name.replace("encoder.layers.", "layers.", 1).replace("embeddings.position_embedding.",
+                                                                        "position_embedding.", 1), delta)]
+    if name.endswith("ff.net.0.proj.weight"):
+        inner = delta.shape[1] // 2
+        return [(f"unet.{name[:-len('net.0.proj.weight')]}halves.{i}.weight", half)
+                for i, half in enumerate((delta[:, :inner], delta[:, inner:]))]
+    return [(f"unet.{name}", delta)]
+
+
 def to_uint8(images):
     """[-1, 1] float NCHW -> uint8 NHWC, rounding as diffusers' image processor does."""
     images = np.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
@@ -73,6 +88,8 @@ class StableDiffusionPipeline:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.models = models
         self.dtype = dtype
+        self.engine = engine
+        self.loras = ()  # lent to the CPU graphs by use_loras
         # text_encoder: token embeddings -> every layer's normed output (CLIPTextModel.layer_outputs)
         self.text_encoder, self.unet = models.text_encoder.layer_outputs, models.unet
         self.vae_encode, self.vae_decode = models.vae.encode, models.vae.decode
@@ -94,6 +111,30 @@ class StableDiffusionPipeline:
         models = load_models(path, dtype=dtype, variant=variant, skip_weights=skip, loras=loras, vae=vae,
                              prediction_type=prediction_type)
         return cls(models, dtype, engine)
+
+    def use_loras(self, loras):
+        """On the CPU engine: run with `loras` [(file, weight), ...] merged into the UNet's and text
+        encoder's weights, lent to new predictors of the graphs already exported (no export, no
+        reading of the checkpoint); () goes back to the plain weights. False, changing nothing, where a
+        LoRA touches a weight that a graph holds only in a derived form (an upsampler's convolution):
+        load the pipeline with the LoRA merged (load(loras=...)) instead."""
+        if self.engine != "inference" or self.models.adapters.get("unet"):  # not on weights merged already
+            return False
+        graphs = {"unet": self.unet.graph, "text_encoder": self.text_encoder}
+        overrides = {component: {} for component in graphs}
+        for component, name, delta in planned_updates(self.models, loras):
+            parts = graph_parameter_parts(component, name, delta)
+            graph_names = graphs[component].lendable_names([part for part, _ in parts])
+            if graph_names is None:
+                return False
+            for graph_name, (_, part_delta) in zip(graph_names, parts):
+                base = overrides[component].get(graph_name, graphs[component].base_weight(graph_name))
+                overrides[component][graph_name] = base + part_delta
+        for component, graph in graphs.items():
+            if overrides[component] or graph.overrides:
+                graph.lend_weights(overrides[component])
+        self.loras = tuple(loras)
+        return True
 
     @staticmethod
     def cpu_graphs_saved(path, adapters=()):

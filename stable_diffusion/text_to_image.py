@@ -65,20 +65,31 @@ class TextToImage:
         self._lock = threading.Lock()
 
     def load_pipeline(self, use_gpu, enable_fp16, loras=()):
-        """The pipeline for this device, dtype and LoRAs, loaded on first use and kept. Other LoRAs than
-        the last call's load the weights again and merge those (on CPU, their graphs are exported once
-        per set of LoRAs and weights, then loaded from the cache)."""
+        """The pipeline for this device, dtype and LoRAs, loaded on first use and kept. On the CPU
+        engine other LoRAs are merged into copies of the weights they touch, lent to the graphs'
+        predictors (StableDiffusionPipeline.use_loras: no export, bench/lora_switch.py); elsewhere, and
+        for a LoRA on a weight the graphs hold only in a derived form, the weights are loaded again
+        with the LoRAs merged (on CPU, their graphs exported once per set and cached)."""
         device = select_device(use_gpu)
         dtype = "float16" if enable_fp16 and device == "gpu" else "float32"
+        key = (device, dtype, tuple(loras))
         with self._lock:
-            if self._pipeline_key != (device, dtype, tuple(loras)):
-                self._pipeline = None  # free the old copy before loading another
-                self._pipeline_key = None
-                self._pipeline = StableDiffusionPipeline.load(
-                    self.model_source, device=device, dtype=dtype, engine=self.cpu_engine, variant=self.variant,
-                    loras=loras, vae=self.vae, prediction_type=self.prediction_type)
-                self._pipeline_key = (device, dtype, tuple(loras))
-            return self._pipeline
+            if self._pipeline_key == key:
+                return self._pipeline
+            if self._pipeline_key is not None and self._pipeline_key[:2] == key[:2] and \
+                    self._pipeline.use_loras(loras):
+                self._pipeline_key = key
+                return self._pipeline
+            self._pipeline = None  # free the old copy before loading another
+            self._pipeline_key = None
+            load = dict(device=device, dtype=dtype, engine=self.cpu_engine, variant=self.variant, vae=self.vae,
+                        prediction_type=self.prediction_type)
+            pipeline = StableDiffusionPipeline.load(self.model_source, **load)
+            if loras and not pipeline.use_loras(loras):
+                pipeline = None
+                pipeline = StableDiffusionPipeline.load(self.model_source, loras=loras, **load)
+            self._pipeline, self._pipeline_key = pipeline, key
+            return pipeline
 
     def generate_image(self, text_prompts, style=None, artist=None, progress=True, budget=None, names_only=False,
                        **options):

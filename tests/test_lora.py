@@ -20,7 +20,7 @@ from stable_diffusion.server import serve_request
 from stable_diffusion.text_to_image import SERVING_KEYS, TextToImage
 
 KOHYA_UNET_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_k", "proj_in", "proj_out",
-                      "ff.net.0.proj", "ff.net.2", "resnets.0.conv1", "resnets.1.conv2", "time_emb_proj")
+                      "ff.net.0.proj", "ff.net.2", "resnets.0.conv1", "resnets.1.conv2", "time_emb_proj")  # LoCon
 KOHYA_TEXT_MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1")
 
 
@@ -110,12 +110,20 @@ def reference_image(sd1_reference, lora_path, scale, latents, tmp_path):
     return (image * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("engine", ["eager", "inference"])
-@pytest.mark.parametrize("layout,scale", [("kohya", 0.7), ("kohya", -0.5), ("peft", 0.8)])
+@pytest.mark.parametrize("layout,scale,engine", [("kohya", 0.7, "eager"), ("kohya", 0.7, "inference"),
+                                                 ("kohya", 0.7, "inference, lent"), ("kohya", -0.5, "inference, lent"),
+                                                 ("peft", 0.8, "eager"), ("peft", 0.8, "inference, lent")])
 def test_lora_matches_diffusers(sd1_folder, sd1_reference, lora_files, layout, scale, engine, tmp_path):
+    """Merged before the graphs are exported, or ("lent") into copies of the touched weights, lent to
+    the plain model's graphs."""
     latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
     expected = reference_image(sd1_reference, lora_files[layout], scale, latents, tmp_path)
-    ours = StableDiffusionPipeline(load_models(sd1_folder, loras=[(lora_files[layout], scale)]), engine=engine)
+    loras = [(lora_files[layout], scale)]
+    if engine == "inference, lent":
+        ours = StableDiffusionPipeline(load_models(sd1_folder), engine="inference")
+        assert ours.use_loras(loras)
+    else:
+        ours = StableDiffusionPipeline(load_models(sd1_folder, loras=loras), engine=engine)
     images, _ = ours("a lighthouse at dusk", height=64, width=64, num_inference_steps=4, guidance_scale=7.5,
                      sampler="plms", latents=latents, progress=False)
     plain, _ = StableDiffusionPipeline(load_models(sd1_folder), engine="eager")(
@@ -164,8 +172,8 @@ def final(documents):
 
 
 def test_loras_change_between_calls_and_by_prompt_tag(sd1_folder, lora_files, tmp_path, monkeypatch):
-    """Each set of LoRAs gets CPU graphs of its own (a folder per key); going back to none gives the
-    plain image again, and a prompt's <lora:name:w> tag is the same as the option."""
+    """Other LoRAs on the CPU engine are lent to the loaded graphs (no export); going back to none gives
+    the plain image again, and a prompt's <lora:name:w> tag is the same as the option."""
     monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path / "graphs"))
     monkeypatch.setenv("STABLE_DIFFUSION_LORA_DIR", os.path.dirname(lora_files["kohya"]))
     generator = TextToImage(sd1_folder)
@@ -176,14 +184,35 @@ def test_loras_change_between_calls_and_by_prompt_tag(sd1_folder, lora_files, tm
     np.testing.assert_array_equal(final(tagged), styled)
     assert tagged[0].tags["loras"] == [["kohya_style.safetensors", 0.7]]
     np.testing.assert_array_equal(final(generator.generate_image("a red bicycle", **FAST)), plain)
-    # graphs per LoRA set: a UNet and a text encoder; the VAE's are the plain model's
+    # the LoRAs were lent to the plain model's graphs: no graphs of their own were exported
     folders = sorted(sorted(os.listdir(tmp_path / "graphs" / key)) for key in os.listdir(tmp_path / "graphs")
                      if (tmp_path / "graphs" / key / "text_encoder").is_dir())  # not the attention operator's
-    assert folders == [["text_encoder", "unet"], ["text_encoder", "unet", "vae_decoder", "vae_encoder"]]
+    assert folders == [["text_encoder", "unet", "vae_decoder", "vae_encoder"]]
     from_option = generator.generate_image("a red bicycle", loras=["kohya_style:0.7"], **FAST)
     np.testing.assert_array_equal(final(from_option), styled)
     png = from_option[0].chunks[0].load_uri_to_blob().blob
     assert Image.open(io.BytesIO(png)).info["parameters"].startswith("a red bicycle <lora:kohya_style:0.7>\n")
+
+
+def test_a_lora_on_a_derived_weight_is_merged_and_exported(sd1_folder, sd1_reference, tmp_path, monkeypatch):
+    """The UNet graph holds an upsampler's convolution only as kernels computed from it: a LoRA there
+    cannot be lent, so the weights are loaded again with it merged, and graphs of its own exported."""
+    monkeypatch.setenv("STABLE_DIFFUSION_CACHE", str(tmp_path / "graphs"))
+    generator = torch.Generator().manual_seed(3)
+    conv = sd1_reference["unet"].up_blocks[0].upsamplers[0].conv
+    down, up = low_rank_pair(conv, 4, generator)
+    path = str(tmp_path / "upsampler.safetensors")
+    save_file({"lora_unet_up_blocks_0_upsamplers_0_conv.lora_down.weight": down,
+               "lora_unet_up_blocks_0_upsamplers_0_conv.lora_up.weight": up}, path)
+    plain = StableDiffusionPipeline(load_models(sd1_folder), engine="inference")
+    assert not plain.use_loras([(path, 1.0)]) and plain.loras == ()
+    generator = TextToImage(sd1_folder)
+    documents = generator.generate_image("a red bicycle", loras=[(path, 1.0)], **FAST)
+    assert generator._pipeline.models.adapters["unet"][0] == os.path.abspath(path)
+    eager = StableDiffusionPipeline(load_models(sd1_folder, loras=[(path, 1.0)]), engine="eager")
+    images, _ = eager("a red bicycle", height=64, width=64, num_inference_steps=3, sampler="plms", seed=4,
+                      progress=False)
+    assert np.abs(final(documents).astype(int) - images[0].astype(int)).max() <= 1
 
 
 def test_served_loras_by_name_only(sd1_folder, lora_files, monkeypatch):

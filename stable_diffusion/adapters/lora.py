@@ -140,15 +140,14 @@ def module_table(model, kohya):
     return table
 
 
-def merge_loras(models, loras):
-    """Merge [(path, weight), ...] into the models' weights (StableDiffusionModels), in place. Every
-    layer of every file must match a weight of this model, with its shape; all are checked before
-    any weight changes. Weights not loaded (a component whose CPU graph is cached, built lazily) are
-    checked but not changed: their graph holds the merged weights already."""
+def planned_updates(models, loras):
+    """[(component, parameter name, update in Paddle's layout for that parameter)] for [(path, weight),
+    ...], every layer of every file checked against the model (names and shapes) before any update is
+    made; layers of several files on one weight are summed. Needs only the models' structure."""
     from stable_diffusion.loading.state_dict import linear_weight_names
-    updates = []
     params = {c: dict(getattr(models, c).named_parameters()) for c in ("unet", "text_encoder")}
     linear = {c: linear_weight_names(getattr(models, c)) for c in ("unet", "text_encoder")}
+    planned = []
     for path, weight in loras:
         layers, layout = read_lora(path)
         tables = {c: module_table(getattr(models, c), layout == "kohya") for c in ("unet", "text_encoder")}
@@ -159,18 +158,32 @@ def merge_loras(models, loras):
                 f"{unmatched[:3]}); is it a LoRA for another model family (SD 2.x, SDXL)?")
         for (component, module), layer in layers.items():
             name = tables[component][module]
-            param = params[component][name]
             transposed = name in linear[component]
-            shape = tuple(param.shape[::-1]) if transposed else tuple(param.shape)
-            if int(np.prod(shape)) != layer.up.shape[0] * int(np.prod(layer.down.shape[1:])):
+            shape = tuple(params[component][name].shape)
+            torch_shape = shape[::-1] if transposed else shape
+            if int(np.prod(torch_shape)) != layer.up.shape[0] * int(np.prod(layer.down.shape[1:])):
                 raise CheckpointError(f"{path}: layer {module} updates a weight of shape "
                                       f"{[layer.up.shape[0], *layer.down.shape[1:]]}, but this model's is "
-                                      f"{list(shape)}: the LoRA is for another model")
-            updates.append((param, transposed, shape, layer, float(weight)))
-    for param, transposed, shape, layer, weight in updates:
-        if not param._is_initialized():
-            continue
-        delta = layer.delta(shape) * weight
-        value = param.numpy().astype(np.float32) + (delta.T if transposed else delta)
-        param.set_value(value.astype(param.numpy().dtype))
+                                      f"{list(torch_shape)}: the LoRA is for another model")
+            planned.append((component, name, transposed, torch_shape, layer, float(weight)))
+    updates = {}
+    for component, name, transposed, torch_shape, layer, weight in planned:
+        delta = layer.delta(torch_shape) * weight
+        delta = np.ascontiguousarray(delta.T if transposed else delta)
+        key = (component, name)
+        updates[key] = updates[key] + delta if key in updates else delta
+    return [(component, name, delta) for (component, name), delta in updates.items()]
+
+
+def merge_loras(models, loras):
+    """Merge [(path, weight), ...] into the models' loaded weights (StableDiffusionModels), in place.
+    Weights not loaded (a component whose CPU graph is cached, built lazily) are checked but not
+    changed: their graph holds the merged weights already."""
+    updates = planned_updates(models, loras)
+    params = {c: dict(getattr(models, c).named_parameters()) for c in ("unet", "text_encoder")}
+    for component, name, delta in updates:
+        param = params[component][name]
+        if param._is_initialized():
+            value = param.numpy()
+            param.set_value((value.astype(np.float32) + delta).astype(value.dtype))
     return len(updates)

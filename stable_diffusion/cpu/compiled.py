@@ -7,6 +7,7 @@ they were written.
 """
 import concurrent.futures
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from stable_diffusion.models.unet import FeedForward
 from stable_diffusion.models.vae import VAEAttention
 
 CACHE_ENV_VAR = "STABLE_DIFFUSION_CACHE"
+PARAMETER_NAMES_FILE = "parameter_names.json"
 # The graphs are traced and saved by this code (every file of cpu/ and models/): a change to it must
 # not reuse graphs saved by older code.
 PACKAGE = os.path.dirname(os.path.dirname(__file__))
@@ -173,6 +175,8 @@ def export(graph, input_spec, folder):
         use_attention_kernel(graph)
         static = paddle.jit.to_static(graph, input_spec=input_spec, full_graph=True)
         paddle.jit.save(static, os.path.join(scratch, "model"))
+        with open(os.path.join(scratch, PARAMETER_NAMES_FILE), "w") as f:  # the graph's names for our weights
+            json.dump({name: param.name for name, param in graph.named_parameters()}, f)
         if os.path.isfile(os.path.join(scratch, "model.pdiparams")):  # a graph without weights has none
             align_tensor_data(os.path.join(scratch, "model.pdiparams"))
         try:
@@ -218,6 +222,13 @@ class CompiledLayer:
                        if os.path.isfile(os.path.join(folder, n)))
         self.program, self.threads = program, threads
         self.weights = MappedWeights(folder, program)
+        names_path = os.path.join(folder, PARAMETER_NAMES_FILE)
+        # {the traced layer's parameter name: the graph's}, for weights lent with other values
+        self.parameter_names = {}
+        if os.path.isfile(names_path):
+            with open(names_path) as f:
+                self.parameter_names = json.load(f)
+        self.overrides = {}
         self.predictor = self.new_predictor()
         # By the InputSpec names: the predictor does not list its inputs in argument order.
         self.input_names = [spec.name for spec in input_spec]
@@ -237,9 +248,30 @@ class CompiledLayer:
         # file (bench/NOTES.md 27).
         config.delete_pass("matmul_add_act_fuse_pass")
         predictor = inference.create_predictor(config)
-        self.weights.lend_to(predictor)
+        self.weights.lend_to(predictor, self.overrides)
         predictor.register_output_hook(self.weights.drop_pages_while_reading)
         return predictor
+
+    def lendable_names(self, names):
+        """The graph's names for these parameters of the traced layer, or None where one cannot be lent
+        another value (a weight the graph computes from others, or folds)."""
+        lendable = set(self.weights.lendable(self.predictor))
+        graph_names = [self.parameter_names.get(name) for name in names]
+        return graph_names if all(n in lendable for n in graph_names) else None
+
+    def lend_weights(self, overrides):
+        """Run with other values for some weights, {graph name: float32 array}, from the next call on:
+        a new predictor (its oneDNN copies made from them); {} goes back to the file's own."""
+        def replace():  # on the predictor's own thread, after any run in progress
+            self.overrides = {name: np.ascontiguousarray(array, np.float32) for name, array in overrides.items()}
+            self.predictor = None
+            self.predictor = self.new_predictor()
+            self.shapes_seen = []
+        self.thread.submit(replace).result()
+
+    def base_weight(self, graph_name):
+        """A weight's value in the graph's own file."""
+        return self.weights.arrays[graph_name]
 
     def __call__(self, *arrays):
         arrays = [np.ascontiguousarray(a.numpy() if isinstance(a, paddle.Tensor) else a) for a in arrays]

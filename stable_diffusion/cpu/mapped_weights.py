@@ -193,12 +193,15 @@ class MappedWeights:
             pass
         return names
 
-    def lend_to(self, predictor):
+    def lend_to(self, predictor, overrides=None):
         """Point the predictor's weights at the mapped file, before its first run (oneDNN keeps pointers
-        to weights it does not copy). Returns how many were lent."""
+        to weights it does not copy); `overrides` {name: array} lends other values for some (a LoRA's
+        merged weights; the caller keeps them alive). Returns how many were lent."""
         names = self.lendable(predictor)
+        overrides = overrides or {}
         for name in names:
-            tensor = paddle.utils.dlpack.from_dlpack(self.arrays[name].__dlpack__())
+            array = overrides.get(name, self.arrays[name])
+            tensor = paddle.utils.dlpack.from_dlpack(array.__dlpack__())
             predictor.get_input_handle(name).share_external_data(tensor)
         release_freed_heap()
         return len(names)
