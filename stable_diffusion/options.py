@@ -95,6 +95,10 @@ class GenerationOptions:
         "repeated", flag="--embedding", action="append", metavar="FILE", type=str)
     clip_skip: int = knob(1, "the text encoder layer whose output guides, counted from the end: 1 the last, 2 the "
                           "one before (as anime models expect)", type=int)
+    deep_cache_interval: Optional[int] = knob(
+        None, "DeepCache: a full UNet pass every N steps (N >= 2), between them only its shallow branch on the "
+        "deep features kept from the last full pass (the DeepCache package's branch 0); default: every step full",
+        type=int)
     fast: bool = knob(False, f"fewer UNet evaluations for what is left unset: {FAST_PRESET} (True/False or 1/0)",
                       type="bool")
     use_gpu: bool = knob(True, "use a GPU when one is visible (True/False or 1/0)", type="bool")
@@ -120,6 +124,10 @@ class GenerationOptions:
         guidance = self.guidance_scale
         if guidance is not None and (not _is_number(guidance) or not 0 <= guidance <= 100):
             raise ValueError(f"guidance_scale must be a number from 0 to 100 (7.5 is typical), got {guidance!r}")
+        interval = self.deep_cache_interval
+        if interval is not None and (not _is_int(interval) or not 2 <= interval <= MAX_STEPS):
+            raise ValueError(f"deep_cache_interval must be an integer of 2 or more (3 is typical), or None for a full "
+                             f"UNet pass every step; got {interval!r}")
         if not isinstance(self.fast, bool):
             raise ValueError(f"fast must be True or False, got {self.fast!r}")
         cutoff = self.guidance_cutoff

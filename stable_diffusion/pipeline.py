@@ -13,6 +13,7 @@ from stable_diffusion.adapters import adapter_keys
 from stable_diffusion.adapters.lora import planned_updates
 from stable_diffusion.images import binarized_mask, to_model_range
 from stable_diffusion.loading import load_models, resolve_source
+from stable_diffusion.models.unet import ShallowBranch
 from stable_diffusion.prompts import chunk_prompt
 from stable_diffusion.samplers import make_sampler
 
@@ -45,18 +46,33 @@ def cpu_threads():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def graph_parameter_parts(component, name, delta):
-    """[(the traced graph layer's name for a part of parameter `name`, that part's update)]: the UNet
-    graph holds the UNet under `unet.` and GEGLU's projection as two halves (cpu/compiled.py,
-    hold_derived_weights); the text encoder's graph holds its layers without `encoder.`."""
+def graph_parameter_parts(component, name, delta, unet):
+    """{graph: [(the traced graph layer's name for a part of parameter `name`, that part's update)]}: the
+    UNet graph holds the UNet under `unet.` and GEGLU's projection as two halves (cpu/compiled.py,
+    hold_derived_weights); the shallow branch's graph (models/unet.py ShallowBranch) holds the last up
+    block's last resnet and attention as `resnet.` and `attention.`; the text encoder's graph holds its
+    layers without `encoder.`."""
     if component == "text_encoder":
-        return [(name.replace("encoder.layers.", "layers.", 1).replace("embeddings.position_embedding.",
-                                                                        "position_embedding.", 1), delta)]
-    if name.endswith("ff.net.0.proj.weight"):
-        inner = delta.shape[1] // 2
-        return [(f"unet.{name[:-len('net.0.proj.weight')]}halves.{i}.weight", half)
-                for i, half in enumerate((delta[:, :inner], delta[:, inner:]))]
-    return [(f"unet.{name}", delta)]
+        return {"text_encoder": [(name.replace("encoder.layers.", "layers.", 1).replace(
+            "embeddings.position_embedding.", "position_embedding.", 1), delta)]}
+
+    def parts(graph_name):
+        if graph_name.endswith("ff.net.0.proj.weight"):
+            inner = delta.shape[1] // 2
+            return [(f"{graph_name[:-len('net.0.proj.weight')]}halves.{i}.weight", half)
+                    for i, half in enumerate((delta[:, :inner], delta[:, inner:]))]
+        return [(graph_name, delta)]
+
+    found = {"unet": parts(f"unet.{name}")}
+    last = len(unet.up_blocks) - 1
+    layer = len(unet.up_blocks[last].resnets) - 1
+    shallow_names = {f"up_blocks.{last}.resnets.{layer}.": "resnet.", f"up_blocks.{last}.attentions.{layer}.": "attention.",
+                     "conv_in.": "conv_in.", "time_embedding.": "time_embedding.", "conv_norm_out.": "conv_norm_out.",
+                     "conv_out.": "conv_out."}
+    prefix = next((p for p in shallow_names if name.startswith(p)), None)
+    if prefix is not None:
+        found["unet_shallow"] = parts(shallow_names[prefix] + name[len(prefix):])
+    return found
 
 
 def to_uint8(images):
@@ -96,6 +112,14 @@ class StableDiffusionPipeline:
         if engine == "inference":
             from stable_diffusion.cpu.compiled import compile_for_cpu
             self.text_encoder, self.unet, self.vae_encode, self.vae_decode = compile_for_cpu(models, cpu_threads())
+            self.unet_keeping_deep_features, self.unet_shallow = self.unet.keeping_deep_features, self.unet.shallow
+        else:
+            unet = models.unet
+            self.unet_keeping_deep_features = lambda sample, t, context: unet.forward_keeping_deep_features(
+                sample, paddle.to_tensor(unet.time_features(t)), context)
+            shallow = ShallowBranch(unet)
+            self.unet_shallow = lambda sample, t, context, deep: shallow(
+                sample, paddle.to_tensor(unet.time_features(t)), context, deep)
 
     @classmethod
     def load(cls, source=None, *, device="cpu", dtype="float32", engine="inference", variant=None, loras=(),
@@ -120,19 +144,19 @@ class StableDiffusionPipeline:
         load the pipeline with the LoRA merged (load(loras=...)) instead."""
         if self.engine != "inference" or self.models.adapters.get("unet"):  # not on weights merged already
             return False
-        graphs = {"unet": self.unet.graph, "text_encoder": self.text_encoder}
-        overrides = {component: {} for component in graphs}
+        graphs = {"unet": self.unet.graph, "unet_shallow": self.unet.shallow_graph, "text_encoder": self.text_encoder}
+        overrides = {graph: {} for graph in graphs}
         for component, name, delta in planned_updates(self.models, loras):
-            parts = graph_parameter_parts(component, name, delta)
-            graph_names = graphs[component].lendable_names([part for part, _ in parts])
-            if graph_names is None:
-                return False
-            for graph_name, (_, part_delta) in zip(graph_names, parts):
-                base = overrides[component].get(graph_name, graphs[component].base_weight(graph_name))
-                overrides[component][graph_name] = base + part_delta
-        for component, graph in graphs.items():
-            if overrides[component] or graph.overrides:
-                graph.lend_weights(overrides[component])
+            for graph, parts in graph_parameter_parts(component, name, delta, self.models.unet).items():
+                graph_names = graphs[graph].lendable_names([part for part, _ in parts])
+                if graph_names is None:
+                    return False
+                for graph_name, (_, part_delta) in zip(graph_names, parts):
+                    base = overrides[graph].get(graph_name, graphs[graph].base_weight(graph_name))
+                    overrides[graph][graph_name] = base + part_delta
+        for name, graph in graphs.items():
+            if overrides[name] or graph.overrides:
+                graph.lend_weights(overrides[name])
         self.loras = tuple(loras)
         return True
 
@@ -256,10 +280,13 @@ class StableDiffusionPipeline:
 
     @paddle.no_grad()
     def denoise(self, latents, prompt_embeds, negative_prompt_embeds, sampler, guidance_scale, rng,
-                display_rate=0, frame_decoder="preview", progress=True, inpainting=None, guidance_cutoff=None):
+                display_rate=0, frame_decoder="preview", progress=True, inpainting=None, guidance_cutoff=None,
+                deep_cache_interval=None):
         """The sampling loop; guided when negative_prompt_embeds is given, until the step index
         int(steps x guidance_cutoff) included, then by the prompt alone (one UNet pass a step instead of
-        two), as diffusers' SDCFGCutoffCallback. Returns (latents, frames: list of (step, uint8 images)),
+        two), as diffusers' SDCFGCutoffCallback. With `deep_cache_interval` N, DeepCache: a full UNet pass
+        every N steps, the shallow branch alone between them on the deep features kept from it (the
+        conditional half of them once guidance is cut off). Returns (latents, frames: list of (step, uint8 images)),
         a frame every `display_rate` steps before the last."""
         batch_size = latents.shape[0]
         steps = sampler.timesteps
@@ -269,7 +296,7 @@ class StableDiffusionPipeline:
         if negative_prompt_embeds is not None:
             context = paddle.concat([negative_prompt_embeds, prompt_embeds])
             context = context.astype(self.dtype).repeat_interleave(batch_size, axis=0)
-        frames = []
+        frames, deep = [], None
         for i, t in enumerate(tqdm(steps, disable=not progress, desc="sampling")):
             guided = negative_prompt_embeds is not None and i <= last_guided
             model_input = sampler.scale_model_input(latents, i)
@@ -277,8 +304,17 @@ class StableDiffusionPipeline:
                 model_input = paddle.concat([model_input, inpainting.unet_extra], axis=1)
             if guided:
                 model_input = paddle.concat([model_input, model_input])
-            noise_pred = self.unet(model_input.astype(self.dtype), float(t),
-                                   context if guided else conditional).astype("float32")
+            step_context = context if guided else conditional
+            if deep_cache_interval and i % deep_cache_interval:
+                if deep.shape[0] != model_input.shape[0]:  # guidance cut off since the full step
+                    deep = deep[deep.shape[0] - model_input.shape[0]:]
+                noise_pred = self.unet_shallow(model_input.astype(self.dtype), float(t), step_context, deep)
+            elif deep_cache_interval:
+                noise_pred, deep = self.unet_keeping_deep_features(model_input.astype(self.dtype), float(t),
+                                                                   step_context)
+            else:
+                noise_pred = self.unet(model_input.astype(self.dtype), float(t), step_context)
+            noise_pred = noise_pred.astype("float32")
             if guided:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
@@ -312,14 +348,14 @@ class StableDiffusionPipeline:
                  num_inference_steps=50, guidance_scale=7.5, sampler="plms", eta=0.0, seed=0,
                  latents=None, display_rate=0, frame_decoder="preview", progress=True,
                  prompt_embeds=None, negative_prompt_embeds=None, init_image=None, strength=0.8, mask=None,
-                 clip_skip=1, embeddings=None, guidance_cutoff=None):
+                 clip_skip=1, embeddings=None, guidance_cutoff=None, deep_cache_interval=None):
         """Returns (final uint8 images [B, H, W, 3], frames: list of (step, uint8 images)), the final
         images last. `prompt_embeds` / `negative_prompt_embeds` ([1, L, D]) stand in for the texts.
         `init_image` (uint8 [height, width, 3]): image-to-image from it, `strength` of the steps run;
         with `mask` (uint8 [height, width], white repainted), inpainting. Prompts are read in A1111's
         syntax (prompts.py); `embeddings` are textual-inversion vectors by name, `clip_skip` the
         text encoder's layer from the end whose output guides. `guidance_cutoff` in (0, 1): guidance
-        stops after that fraction of the steps (denoise).
+        stops after that fraction of the steps; `deep_cache_interval` N: DeepCache (denoise).
         Randomness comes from `seed` alone: the picture's latent sample, the initial noise, each step's."""
         if self.is_inpainting_model and (init_image is None or mask is None):
             raise ValueError("this is an inpainting checkpoint (its UNet takes a mask): give init_image and "
@@ -344,7 +380,8 @@ class StableDiffusionPipeline:
         elif negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
             prompt_embeds, negative_prompt_embeds = self.pad_to_same_chunks(prompt_embeds, negative_prompt_embeds)
         latents, frames = self.denoise(latents, prompt_embeds, negative_prompt_embeds, scheduler, guidance_scale,
-                                       rng, display_rate, frame_decoder, progress, inpainting, guidance_cutoff)
+                                       rng, display_rate, frame_decoder, progress, inpainting, guidance_cutoff,
+                                       deep_cache_interval)
         images = self.decode(latents)
         frames.append((len(scheduler.timesteps), images))
         return images, frames

@@ -147,6 +147,8 @@ class TextToImage:
             tags["clip_skip"] = opts.clip_skip
         if opts.guidance_cutoff is not None:
             tags["guidance_cutoff"] = float(opts.guidance_cutoff)
+        if opts.deep_cache_interval is not None:
+            tags["deep_cache_interval"] = opts.deep_cache_interval
         model = model_name(self.model_source)
         documents = DocumentArray()
         for prompt, text, loras in runs:
@@ -157,7 +159,8 @@ class TextToImage:
                 guidance_scale=float(opts.guidance_scale), sampler=opts.sampler, eta=float(opts.eta), seed=seed,
                 latents=latents, display_rate=opts.display_rate, frame_decoder=opts.frame_decoder,
                 progress=progress, init_image=init_image, strength=float(opts.strength), mask=mask,
-                clip_skip=opts.clip_skip, embeddings=embeddings, guidance_cutoff=opts.guidance_cutoff)
+                clip_skip=opts.clip_skip, embeddings=embeddings, guidance_cutoff=opts.guidance_cutoff,
+                deep_cache_interval=opts.deep_cache_interval)
             prompt_tags = dict(tags)
             if loras:
                 prompt_tags["loras"] = [[os.path.basename(path), weight] for path, weight in loras]

@@ -136,6 +136,21 @@ def test_lora_matches_diffusers(sd1_folder, sd1_reference, lora_files, layout, s
     assert change > 5, "the LoRA barely changes the picture: the comparison would prove little"
 
 
+def test_deep_cache_with_a_lent_lora(sd1_folder, lora_files):
+    """DeepCache's shallow branch has a graph of its own: a LoRA lent to the UNet is lent to it too."""
+    run = dict(height=64, width=64, num_inference_steps=5, guidance_scale=7.5, sampler="ddim", seed=2,
+               progress=False, deep_cache_interval=3)
+    loras = [(lora_files["kohya"], 0.7)]
+    lent = StableDiffusionPipeline(load_models(sd1_folder), engine="inference")
+    assert lent.use_loras(loras)
+    merged = StableDiffusionPipeline(load_models(sd1_folder, loras=loras), engine="eager")
+    images, expected = lent("a lighthouse", **run)[0], merged("a lighthouse", **run)[0]
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 2
+    assert lent.use_loras([])
+    plain = StableDiffusionPipeline(load_models(sd1_folder), engine="eager")("a lighthouse", **run)[0]
+    np.testing.assert_allclose(lent("a lighthouse", **run)[0], plain, atol=2)
+
+
 def test_kohya_file_read_as_layers(lora_files):
     layers, layout = read_lora(lora_files["kohya"])
     assert layout == "kohya"
@@ -187,7 +202,7 @@ def test_loras_change_between_calls_and_by_prompt_tag(sd1_folder, lora_files, tm
     # the LoRAs were lent to the plain model's graphs: no graphs of their own were exported
     folders = sorted(sorted(os.listdir(tmp_path / "graphs" / key)) for key in os.listdir(tmp_path / "graphs")
                      if (tmp_path / "graphs" / key / "text_encoder").is_dir())  # not the attention operator's
-    assert folders == [["text_encoder", "unet", "vae_decoder", "vae_encoder"]]
+    assert folders == [["text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"]]
     from_option = generator.generate_image("a red bicycle", loras=["kohya_style:0.7"], **FAST)
     np.testing.assert_array_equal(final(from_option), styled)
     png = from_option[0].chunks[0].load_uri_to_blob().blob

@@ -94,7 +94,7 @@ def test_compiled_models_match_eager_and_are_cached(sd1_folder, tmp_path, monkey
                       (decode(sample), expected_image), (mean, expected_mean), (logvar, expected_logvar)]:
         assert np.abs(got.numpy() - want).max() <= 1e-4 * np.abs(want).max()
     (key,) = os.listdir(tmp_path)
-    assert sorted(os.listdir(tmp_path / key)) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    assert sorted(os.listdir(tmp_path / key)) == ["text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"]
     compile_for_cpu(load_models(sd1_folder), threads=2)  # the second time loads the cached graphs
     assert os.listdir(tmp_path) == [key]
 
@@ -206,3 +206,30 @@ def test_guidance_cutoff_matches_diffusers_callback(pipelines, sd1_reference, en
     print(f"{sampler} cut off at {cutoff} ({engine}): max uint8 difference {difference}")
     assert difference <= 2
     assert np.abs(full.astype(int) - expected.astype(int)).max() > 2  # the cut-off changes the picture
+
+
+@pytest.mark.parametrize("engine", ["eager", "inference"])
+@pytest.mark.parametrize("interval", [2, 3])
+def test_deep_cache_matches_the_deepcache_package(pipelines, engine, interval):
+    """DeepCache (branch 0, uniform interval) against the DeepCache package's DeepCacheSDHelper on
+    diffusers' pipeline, with DDIM (the helper finds a step by its timestep; PLMS repeats one)."""
+    from DeepCache import DeepCacheSDHelper
+    engines, reference = pipelines
+    theirs = reference("ddim")
+    helper = DeepCacheSDHelper(pipe=theirs)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    run = dict(height=64, width=64, num_inference_steps=7, guidance_scale=7.5)
+    latents = np.random.default_rng(11).standard_normal(engines[engine].latent_shape(1, 64, 64)).astype(np.float32)
+    try:
+        expected = theirs("a fox in the snow", latents=torch.from_numpy(latents), output_type="np", **run).images
+    finally:
+        helper.disable()
+    expected = (expected * 255).round().astype(np.uint8)
+    images, _ = engines[engine]("a fox in the snow", sampler="ddim", latents=latents, progress=False,
+                                deep_cache_interval=interval, **run)
+    full, _ = engines[engine]("a fox in the snow", sampler="ddim", latents=latents, progress=False, **run)
+    difference = np.abs(images.astype(int) - expected.astype(int)).max()
+    print(f"DeepCache every {interval} steps ({engine}): max uint8 difference {difference}")
+    assert difference <= 2
+    assert np.abs(full.astype(int) - expected.astype(int)).max() > 2  # the shallow steps change the picture

@@ -22,7 +22,7 @@ from stable_diffusion.cpu.attention import attention_kernel
 from stable_diffusion.cpu.mapped_weights import MappedWeights, align_tensor_data, release_freed_heap
 from stable_diffusion.models.clip import normed_layer_outputs
 from stable_diffusion.models.layers import Attention, Upsample2D
-from stable_diffusion.models.unet import FeedForward
+from stable_diffusion.models.unet import FeedForward, ShallowBranch
 from stable_diffusion.models.vae import VAEAttention
 
 CACHE_ENV_VAR = "STABLE_DIFFUSION_CACHE"
@@ -138,7 +138,7 @@ class UNetGraph(nn.Layer):
         self.unet = unet
 
     def forward(self, sample, time_features, context):
-        return self.unet.forward_with_time_features(sample, time_features, context)
+        return self.unet.forward_keeping_deep_features(sample, time_features, context)
 
 
 class VAEEncoderGraph(nn.Layer):
@@ -202,7 +202,7 @@ def graph_folder(source, adapters=()):
 def unet_graph_cached(source, adapters=()):
     """Whether the UNet's graph for these weights (and what is merged into them) is saved: then its
     eager weights need not be loaded."""
-    return os.path.isdir(os.path.join(graph_folder(source, adapters), "unet"))
+    return all(os.path.isdir(os.path.join(graph_folder(source, adapters), name)) for name in ("unet", "unet_shallow"))
 
 
 class CompiledLayer:
@@ -276,7 +276,8 @@ class CompiledLayer:
     def __call__(self, *arrays):
         arrays = [np.ascontiguousarray(a.numpy() if isinstance(a, paddle.Tensor) else a) for a in arrays]
         arrays = [a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a for a in arrays]
-        return paddle.to_tensor(self.thread.submit(self.run, arrays).result())
+        outputs = self.thread.submit(self.run, arrays).result()
+        return [paddle.to_tensor(o) for o in outputs] if isinstance(outputs, list) else paddle.to_tensor(outputs)
 
     def run(self, arrays):
         shapes = [array.shape for array in arrays]
@@ -297,7 +298,8 @@ class CompiledLayer:
             # resident while another graph runs.
             self.weights.drop_pages()
             release_freed_heap()
-        return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
+        outputs = [self.predictor.get_output_handle(name).copy_to_cpu() for name in self.predictor.get_output_names()]
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def compile_for_cpu(models, threads):
@@ -308,7 +310,7 @@ def compile_for_cpu(models, threads):
     as the eager VAE's `encode`."""
 
     def folder(graph_name):
-        component = "vae" if graph_name.startswith("vae") else graph_name
+        component = next((c for c in ("vae", "unet") if graph_name.startswith(c)), graph_name)
         return os.path.join(graph_folder(models.source, models.adapters.get(component, ())), graph_name)
 
     width = models.text_encoder.config["hidden_size"]
@@ -318,16 +320,26 @@ def compile_for_cpu(models, threads):
     cross_dim = models.unet.config["cross_attention_dim"]
     channels = models.unet.config["in_channels"]
     time_dim = models.unet.config["block_out_channels"][0]
-    graph = CompiledLayer(UNetGraph(models.unet),
-                          [InputSpec([None, channels, None, None], "float32", "sample"),
-                           InputSpec([None, time_dim], "float32", "time_features"),
-                           InputSpec([None, None, cross_dim], "float32", "context")],
-                          folder("unet"), threads, shapes_kept=2)
+    unet_inputs = [InputSpec([None, channels, None, None], "float32", "sample"),
+                   InputSpec([None, time_dim], "float32", "time_features"),
+                   InputSpec([None, None, cross_dim], "float32", "context")]
+    shallow_inputs = unet_inputs + [InputSpec([None, time_dim, None, None], "float32", "deep_features")]
+    if not os.path.isdir(folder("unet_shallow")):  # before the UNet's graph takes the weights it shares
+        export(ShallowBranch(models.unet), shallow_inputs, folder("unet_shallow"))
+    graph = CompiledLayer(UNetGraph(models.unet), unet_inputs, folder("unet"), threads, shapes_kept=2)
+    shallow = CompiledLayer(ShallowBranch(models.unet), shallow_inputs, folder("unet_shallow"), threads, shapes_kept=2)
 
     def unet(sample, timestep, context):
+        return graph(sample, models.unet.time_features(timestep), context)[0]
+
+    def unet_keeping_deep_features(sample, timestep, context):
         return graph(sample, models.unet.time_features(timestep), context)
 
-    unet.graph = graph
+    def unet_shallow(sample, timestep, context, deep_features):
+        return shallow(sample, models.unet.time_features(timestep), context, deep_features)
+
+    unet.graph, unet.shallow_graph = graph, shallow
+    unet.keeping_deep_features, unet.shallow = unet_keeping_deep_features, unet_shallow
 
     vae = models.vae
     moments = CompiledLayer(VAEEncoderGraph(vae), [InputSpec([None, vae.config["in_channels"], None, None], "float32",

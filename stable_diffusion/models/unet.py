@@ -216,6 +216,11 @@ class UNet2DConditionModel(nn.Layer):
         return self.forward_with_time_features(sample, features, encoder_hidden_states)
 
     def forward_with_time_features(self, sample, time_features, encoder_hidden_states):
+        return self.forward_keeping_deep_features(sample, time_features, encoder_hidden_states)[0]
+
+    def forward_keeping_deep_features(self, sample, time_features, encoder_hidden_states):
+        """-> (output, the deep features DeepCache reuses on its shallow steps: what the last up block's
+        last resnet takes beside the conv_in skip)."""
         temb = time_features.astype(sample.dtype)
         temb = self.time_embedding.linear_2(silu(self.time_embedding.linear_1(temb)))
         context = encoder_hidden_states
@@ -234,8 +239,11 @@ class UNet2DConditionModel(nn.Layer):
 
         x = self.mid_block(x, temb, context)
 
+        deep = None
         for block in self.up_blocks:
             for j, resnet in enumerate(block.resnets):
+                if len(skips) == 1:  # the last resnet of the last block, which meets conv_in's output
+                    deep = x
                 x = resnet(paddle.concat([x, skips.pop()], axis=1), temb)
                 if block.attentions is not None:
                     x = block.attentions[j](x, context)
@@ -244,4 +252,28 @@ class UNet2DConditionModel(nn.Layer):
                 # multiple of 8 lose a pixel on the way down.
                 x = block.upsamplers[0](x, size=dims(skips[-1])[2:])
 
+        return self.conv_out(silu(self.conv_norm_out(x))), deep
+
+
+class ShallowBranch(nn.Layer):
+    """DeepCache's shallow step (Ma et al. 2023, branch 0, as the DeepCache package's
+    DeepCacheSDHelper runs it): conv_in, then the last up block's last resnet (fed the deep features
+    kept from the last full step beside conv_in's output) and its cross-attention, then the output
+    layers. Holds the UNet's own layers; built on demand, never a sublayer of the UNet (its
+    parameter names would repeat)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        last = unet.up_blocks[-1]
+        self.conv_in, self.time_embedding = unet.conv_in, unet.time_embedding
+        self.resnet = last.resnets[-1]
+        self.attention = last.attentions[-1] if last.attentions is not None else None
+        self.conv_norm_out, self.conv_out = unet.conv_norm_out, unet.conv_out
+
+    def forward(self, sample, time_features, encoder_hidden_states, deep_features):
+        temb = time_features.astype(sample.dtype)
+        temb = self.time_embedding.linear_2(silu(self.time_embedding.linear_1(temb)))
+        x = self.resnet(paddle.concat([deep_features, self.conv_in(sample)], axis=1), temb)
+        if self.attention is not None:
+            x = self.attention(x, encoder_hidden_states)
         return self.conv_out(silu(self.conv_norm_out(x)))
