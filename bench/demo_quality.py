@@ -43,6 +43,7 @@ def main():
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--guidance_cutoff", type=float, default=None)
     parser.add_argument("--deep_cache_interval", type=int, default=None)
+    parser.add_argument("--token_merging", type=float, default=None)
     parser.add_argument("--fast", action="store_true", help="the fast preset (options.FAST_PRESET) for what is unset")
     parser.add_argument("--drop_prompt", action="store_true", help="a control: generate from an unrelated prompt")
     parser.add_argument("--grid", default=os.path.join(HERE, "demo_quality.png"))
@@ -53,7 +54,7 @@ def main():
     module = StableDiffusion(model=args.model)
     overrides = {k: v for k, v in vars(args).items()
                  if k in ("guidance_scale", "num_inference_steps", "sampler", "guidance_cutoff", "deep_cache_interval",
-                          "fast")
+                          "token_merging", "fast")
                  and v is not None and v is not False}
     ranks, tiles, start = [], [], time.perf_counter()
     for seed, name in enumerate(PROMPTS):

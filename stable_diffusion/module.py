@@ -37,7 +37,7 @@ class StableDiffusion(RunModule):
                        init_image=DEFAULTS.init_image, strength=DEFAULTS.strength, mask_image=DEFAULTS.mask_image,
                        loras=DEFAULTS.loras, embeddings=DEFAULTS.embeddings, clip_skip=DEFAULTS.clip_skip,
                        guidance_cutoff=DEFAULTS.guidance_cutoff, deep_cache_interval=DEFAULTS.deep_cache_interval,
-                       fast=DEFAULTS.fast):
+                       token_merging=DEFAULTS.token_merging, fast=DEFAULTS.fast):
         """Text to images, returned as a docarray DocumentArray; see the module README for each argument.
         None for width_height, num_inference_steps, guidance_scale or sampler: the model's own.
         init_image (a path, PIL image or uint8 array): image-to-image, `strength` of it repainted;
@@ -51,7 +51,7 @@ class StableDiffusion(RunModule):
             display_rate=display_rate, latents=latents, use_gpu=use_gpu, enable_fp16=enable_fp16,
             frame_decoder=frame_decoder, init_image=init_image, strength=strength, mask_image=mask_image,
             loras=loras, embeddings=embeddings, clip_skip=clip_skip, guidance_cutoff=guidance_cutoff,
-            deep_cache_interval=deep_cache_interval, fast=fast)
+            deep_cache_interval=deep_cache_interval, token_merging=token_merging, fast=fast)
 
     _run_func = RunFromClassOrInstance()
 

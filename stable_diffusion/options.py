@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from stable_diffusion.images import read_image
+from stable_diffusion.models import token_merging
 from stable_diffusion.samplers import SAMPLERS
 
 FRAME_DECODERS = ("preview", "vae")
@@ -101,6 +102,10 @@ class GenerationOptions:
         None, "DeepCache: a full UNet pass every N steps (N >= 2), between them only its shallow branch on the "
         "deep features kept from the last full pass (the DeepCache package's branch 0); default: every step full",
         type=int)
+    token_merging: Optional[float] = knob(
+        None, f"ToMe (token merging, tomesd's defaults): merge this fraction of the tokens, (0, "
+        f"{token_merging.MAX_RATIO:g}], before each self-attention at full latent size (0.5 is typical); the CPU "
+        "engine traces UNet graphs of their own for each ratio, once; default: no merging", type=float)
     fast: bool = knob(False, f"fewer UNet evaluations for what is left unset: {FAST_PRESET} (True/False or 1/0)",
                       type="bool")
     use_gpu: bool = knob(True, "use a GPU when one is visible (True/False or 1/0)", type="bool")
@@ -130,6 +135,10 @@ class GenerationOptions:
         if interval is not None and (not _is_int(interval) or not 2 <= interval <= MAX_STEPS):
             raise ValueError(f"deep_cache_interval must be an integer of 2 or more (3 is typical), or None for a full "
                              f"UNet pass every step; got {interval!r}")
+        ratio = self.token_merging
+        if ratio is not None and (not _is_number(ratio) or not 0 < ratio <= token_merging.MAX_RATIO):
+            raise ValueError(f"token_merging must be a fraction of the tokens in (0, {token_merging.MAX_RATIO:g}] "
+                             f"(0.5 is typical), or None for no merging; got {ratio!r}")
         if not isinstance(self.fast, bool):
             raise ValueError(f"fast must be True or False, got {self.fast!r}")
         cutoff = self.guidance_cutoff

@@ -51,6 +51,8 @@ def format_parameters(prompt, tags, model, batch_size=1, batch_position=0):
         pairs["Clip skip"] = tags["clip_skip"]
     if tags.get("guidance_cutoff") is not None:
         pairs["Guidance cutoff"] = tags["guidance_cutoff"]  # ours; A1111 keeps keys it does not know
+    if tags.get("token_merging") is not None:
+        pairs["Token merging ratio"] = tags["token_merging"]  # A1111's name for it
     if "strength" in tags:
         pairs["Denoising strength"] = tags["strength"]
     if batch_size > 1:
@@ -97,6 +99,8 @@ def parse_parameters(text):
             options["clip_skip"] = int(pairs["Clip skip"])
         if "Guidance cutoff" in pairs:
             options["guidance_cutoff"] = float(pairs["Guidance cutoff"])
+        if "Token merging ratio" in pairs:
+            options["token_merging"] = float(pairs["Token merging ratio"])
     except ValueError as err:
         raise ValueError(f"the parameters text has a value that is not a number ({err}): {pairs}") from None
     if "Sampler" in pairs:

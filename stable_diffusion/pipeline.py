@@ -116,25 +116,37 @@ class StableDiffusionPipeline:
         else:
             unet = models.unet
             self.unet_keeping_deep_features = lambda sample, t, context: unet.forward_keeping_deep_features(
-                sample, paddle.to_tensor(unet.time_features(t)), context)
+                sample, paddle.to_tensor(unet.time_features(t)), context, *unet.merge_tensors(sample, t))
             shallow = ShallowBranch(unet)
             self.unet_shallow = lambda sample, t, context, deep: shallow(
-                sample, paddle.to_tensor(unet.time_features(t)), context, deep)
+                sample, paddle.to_tensor(unet.time_features(t)), context, deep, *unet.merge_tensors(sample, t))
 
     @classmethod
     def load(cls, source=None, *, device="cpu", dtype="float32", engine="inference", variant=None, loras=(),
-             vae=None, prediction_type=None):
+             vae=None, prediction_type=None, token_merging=0.0):
         """The pipeline for weights at `source` (see loading/) on `device` ('cpu' or 'gpu'); `engine`
         applies on the CPU, the GPU runs eagerly. `loras` [(file, weight), ...] are merged into the
-        weights, `vae` replaces the model's VAE (loading.load_models). With the UNet's CPU graph for
-        these weights already saved, its eager weights are never read."""
+        weights, `vae` replaces the model's VAE (loading.load_models). `token_merging`: ToMe's ratio
+        (models/token_merging.py), which the CPU engine's UNet graphs are traced with. With the UNet's
+        CPU graphs for these weights already saved, its eager weights are never read."""
         engine = engine if device == "cpu" else "eager"
         path = resolve_source(source, variant)
         unet_key = adapter_keys(loras, vae).get("unet", ())
-        skip = ("unet",) if engine == "inference" and cls.cpu_graphs_saved(path, unet_key) else ()
+        skip = ("unet",) if engine == "inference" and cls.cpu_graphs_saved(path, unet_key, token_merging) else ()
         models = load_models(path, dtype=dtype, variant=variant, skip_weights=skip, loras=loras, vae=vae,
                              prediction_type=prediction_type)
+        models.unet.token_merging = float(token_merging)
         return cls(models, dtype, engine)
+
+    def use_token_merging(self, ratio):
+        """Run with ToMe's `ratio` (0: off) from the next call on; False, changing nothing, on the CPU
+        engine, whose UNet graphs are traced for one ratio: load the pipeline with it instead."""
+        if float(ratio) == self.models.unet.token_merging:
+            return True
+        if self.engine == "inference":
+            return False
+        self.models.unet.token_merging = float(ratio)
+        return True
 
     def use_loras(self, loras):
         """On the CPU engine: run with `loras` [(file, weight), ...] merged into the UNet's and text
@@ -161,10 +173,11 @@ class StableDiffusionPipeline:
         return True
 
     @staticmethod
-    def cpu_graphs_saved(path, adapters=()):
-        """Whether the CPU engine's UNet graph for the weights at `path` (with `adapters`) is saved already."""
+    def cpu_graphs_saved(path, adapters=(), token_merging=0.0):
+        """Whether the CPU engine's UNet graphs for the weights at `path` (with `adapters`, and traced
+        for `token_merging`) are saved already."""
         from stable_diffusion.cpu.compiled import unet_graph_cached
-        return unet_graph_cached(path, adapters)
+        return unet_graph_cached(path, adapters, token_merging)
 
     @property
     def latent_channels(self):

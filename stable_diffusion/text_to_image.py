@@ -64,30 +64,34 @@ class TextToImage:
         self._pipeline_key = None
         self._lock = threading.Lock()
 
-    def load_pipeline(self, use_gpu, enable_fp16, loras=()):
+    def load_pipeline(self, use_gpu, enable_fp16, loras=(), token_merging=None):
         """The pipeline for this device, dtype and LoRAs, loaded on first use and kept. On the CPU
         engine other LoRAs are merged into copies of the weights they touch, lent to the graphs'
         predictors (StableDiffusionPipeline.use_loras: no export, bench/lora_switch.py); elsewhere, and
         for a LoRA on a weight the graphs hold only in a derived form, the weights are loaded again
-        with the LoRAs merged (on CPU, their graphs exported once per set and cached)."""
+        with the LoRAs merged (on CPU, their graphs exported once per set and cached). Token merging
+        (ToMe's ratio, None for none) switches in place on the GPU; the CPU engine loads the pipeline
+        again with UNet graphs traced for that ratio (exported once per ratio and cached)."""
         device = select_device(use_gpu)
         dtype = "float16" if enable_fp16 and device == "gpu" else "float32"
-        key = (device, dtype, tuple(loras))
+        ratio = float(token_merging or 0.0)
+        key = (device, dtype, tuple(loras), ratio)
         with self._lock:
             if self._pipeline_key == key:
                 return self._pipeline
             if self._pipeline_key is not None and self._pipeline_key[:2] == key[:2] and \
-                    self._pipeline.use_loras(loras):
+                    self._pipeline.use_token_merging(ratio) and \
+                    (self._pipeline_key[2] == key[2] or self._pipeline.use_loras(loras)):
                 self._pipeline_key = key
                 return self._pipeline
             self._pipeline = None  # free the old copy before loading another
             self._pipeline_key = None
             load = dict(device=device, dtype=dtype, engine=self.cpu_engine, variant=self.variant, vae=self.vae,
                         prediction_type=self.prediction_type)
-            pipeline = StableDiffusionPipeline.load(self.model_source, **load)
+            pipeline = StableDiffusionPipeline.load(self.model_source, token_merging=ratio, **load)
             if loras and not pipeline.use_loras(loras):
                 pipeline = None
-                pipeline = StableDiffusionPipeline.load(self.model_source, loras=loras, **load)
+                pipeline = StableDiffusionPipeline.load(self.model_source, loras=loras, token_merging=ratio, **load)
             self._pipeline, self._pipeline_key = pipeline, key
             return pipeline
 
@@ -109,7 +113,7 @@ class TextToImage:
         option_tags = "".join(f" <lora:{os.path.splitext(os.path.basename(path))[0]}:{weight:g}>"
                               for path, weight in option_loras)
         named_vectors = read_embeddings(embedding_files(opts.embeddings, names_only))
-        pipeline = self.load_pipeline(opts.use_gpu, opts.enable_fp16, runs[0][2])
+        pipeline = self.load_pipeline(opts.use_gpu, opts.enable_fp16, runs[0][2], opts.token_merging)
         opts = opts.with_model_defaults(pipeline.native_size, read_generation_defaults(pipeline.models.source)
                                         if os.path.isdir(pipeline.models.source) else {})
         width, height = opts.width_height
@@ -149,10 +153,12 @@ class TextToImage:
             tags["guidance_cutoff"] = float(opts.guidance_cutoff)
         if opts.deep_cache_interval is not None:
             tags["deep_cache_interval"] = opts.deep_cache_interval
+        if opts.token_merging is not None:
+            tags["token_merging"] = float(opts.token_merging)
         model = model_name(self.model_source)
         documents = DocumentArray()
         for prompt, text, loras in runs:
-            pipeline = self.load_pipeline(opts.use_gpu, opts.enable_fp16, loras)
+            pipeline = self.load_pipeline(opts.use_gpu, opts.enable_fp16, loras, opts.token_merging)
             images, frames = pipeline(
                 text, negative_prompt=opts.negative_prompt or "", height=height, width=width,
                 batch_size=opts.batch_size, num_inference_steps=opts.num_inference_steps,

@@ -129,9 +129,11 @@ def test_every_sampler_has_an_a1111_name():
 
 def test_clip_skip_cutoff_and_unipc_survive_the_round_trip():
     tags = {"steps": 10, "sampler": "unipc", "guidance_scale": 7.5, "seed": 3, "width": 64, "height": 64,
-            "clip_skip": 2, "guidance_cutoff": 0.4}
+            "clip_skip": 2, "guidance_cutoff": 0.4, "token_merging": 0.5}
     text = format_parameters("a cat <lora:style:0.8>", tags, "demo")
     assert "Sampler: UniPC" in text and "Clip skip: 2" in text and "Guidance cutoff: 0.4" in text
+    assert "Token merging ratio: 0.5" in text  # A1111's own key
     options, _ = parse_parameters(text)
     assert (options["sampler"], options["clip_skip"], options["guidance_cutoff"]) == ("unipc", 2, 0.4)
+    assert options["token_merging"] == 0.5
     assert options["text_prompts"] == "a cat <lora:style:0.8>"

@@ -132,6 +132,8 @@ def test_given_latents_are_used(module, sd1_folder):
     (dict(eta=2.0), "eta must be a number from 0 to 1"),
     (dict(negative_prompt=5), "negative_prompt must be a string"),
     (dict(display_rate=-1), "display_rate must be an integer >= 0"),
+    (dict(token_merging=0.9), r"token_merging must be a fraction of the tokens in \(0, 0.75\]"),
+    (dict(token_merging="half"), "token_merging must be a fraction"),
     (dict(latents=[[1.0, 2.0]]), r"latents must have shape \[1, 4, 16, 18\]"),
 ])
 def test_bad_input_names_the_fix(module, tmp_path, kwargs, message):

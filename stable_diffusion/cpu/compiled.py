@@ -137,8 +137,9 @@ class UNetGraph(nn.Layer):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, time_features, context):
-        return self.unet.forward_keeping_deep_features(sample, time_features, context)
+    def forward(self, sample, time_features, context, merge_destination=None, merge_source=None):
+        return self.unet.forward_keeping_deep_features(sample, time_features, context, merge_destination,
+                                                       merge_source)
 
 
 class VAEEncoderGraph(nn.Layer):
@@ -199,10 +200,17 @@ def graph_folder(source, adapters=()):
     return os.path.join(cache_root(), weights_fingerprint(source, adapters))
 
 
-def unet_graph_cached(source, adapters=()):
-    """Whether the UNet's graph for these weights (and what is merged into them) is saved: then its
+def unet_graph_names(token_merging=0.0):
+    """The UNet's graph and its shallow branch's: with token merging, graphs of their own per ratio."""
+    suffix = f"_token_merging_{token_merging:g}" if token_merging else ""
+    return f"unet{suffix}", f"unet_shallow{suffix}"
+
+
+def unet_graph_cached(source, adapters=(), token_merging=0.0):
+    """Whether the UNet's graphs for these weights (and what is merged into them) are saved: then its
     eager weights need not be loaded."""
-    return all(os.path.isdir(os.path.join(graph_folder(source, adapters), name)) for name in ("unet", "unet_shallow"))
+    return all(os.path.isdir(os.path.join(graph_folder(source, adapters), name))
+               for name in unet_graph_names(token_merging))
 
 
 class CompiledLayer:
@@ -324,19 +332,25 @@ def compile_for_cpu(models, threads):
                    InputSpec([None, time_dim], "float32", "time_features"),
                    InputSpec([None, None, cross_dim], "float32", "context")]
     shallow_inputs = unet_inputs + [InputSpec([None, time_dim, None, None], "float32", "deep_features")]
-    if not os.path.isdir(folder("unet_shallow")):  # before the UNet's graph takes the weights it shares
-        export(ShallowBranch(models.unet), shallow_inputs, folder("unet_shallow"))
-    graph = CompiledLayer(UNetGraph(models.unet), unet_inputs, folder("unet"), threads, shapes_kept=2)
-    shallow = CompiledLayer(ShallowBranch(models.unet), shallow_inputs, folder("unet_shallow"), threads, shapes_kept=2)
+    if models.unet.token_merging:  # the token groups of each call (models/token_merging.py)
+        merge_inputs = [InputSpec([None], "int64", "merge_destination"), InputSpec([None], "int64", "merge_source")]
+        unet_inputs, shallow_inputs = unet_inputs + merge_inputs, shallow_inputs + merge_inputs
+    unet_name, shallow_name = unet_graph_names(models.unet.token_merging)
+    if not os.path.isdir(folder(shallow_name)):  # before the UNet's graph takes the weights it shares
+        export(ShallowBranch(models.unet), shallow_inputs, folder(shallow_name))
+    graph = CompiledLayer(UNetGraph(models.unet), unet_inputs, folder(unet_name), threads, shapes_kept=2)
+    shallow = CompiledLayer(ShallowBranch(models.unet), shallow_inputs, folder(shallow_name), threads, shapes_kept=2)
 
     def unet(sample, timestep, context):
-        return graph(sample, models.unet.time_features(timestep), context)[0]
+        return unet_keeping_deep_features(sample, timestep, context)[0]
 
     def unet_keeping_deep_features(sample, timestep, context):
-        return graph(sample, models.unet.time_features(timestep), context)
+        return graph(sample, models.unet.time_features(timestep), context,
+                     *models.unet.merge_inputs(sample.shape, timestep))
 
     def unet_shallow(sample, timestep, context, deep_features):
-        return shallow(sample, models.unet.time_features(timestep), context, deep_features)
+        return shallow(sample, models.unet.time_features(timestep), context, deep_features,
+                       *models.unet.merge_inputs(sample.shape, timestep))
 
     unet.graph, unet.shallow_graph = graph, shallow
     unet.keeping_deep_features, unet.shallow = unet_keeping_deep_features, unet_shallow

@@ -8,6 +8,7 @@ import paddle.nn.functional as F
 
 from stable_diffusion.models.layers import (Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, dims,
                                             silu, timestep_embedding)
+from stable_diffusion.models.token_merging import bipartite_soft_matching, merge_groups
 
 UNET_DEFAULTS = dict(
     in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
@@ -66,8 +67,13 @@ class BasicTransformerBlock(nn.Layer):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x, context, merging=None):
+        """merging: (destination, source, ratio) to merge tokens for the self-attention (token_merging.py)."""
+        if merging is None:
+            x = x + self.attn1(self.norm1(x))
+        else:
+            merge, unmerge = bipartite_soft_matching(x, *merging)
+            x = x + unmerge(self.attn1(merge(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -84,7 +90,7 @@ class Transformer2DModel(nn.Layer):
         self.transformer_blocks = nn.LayerList(
             [BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim, upcast)])
 
-    def forward(self, x, context):
+    def forward(self, x, context, merging=None):
         shape, channels = dims(x), x.shape[1]
         residual = x
         h = self.norm(x)
@@ -95,7 +101,7 @@ class Transformer2DModel(nn.Layer):
         else:
             h = to_tokens(self.proj_in(h))
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, merging)
         if self.linear_projection:
             h = to_image(self.proj_out(h))
         else:
@@ -202,6 +208,17 @@ class UNet2DConditionModel(nn.Layer):
 
         self.conv_norm_out = GroupNorm(groups, channels[0], epsilon=eps)
         self.conv_out = nn.Conv2D(channels[0], cfg["out_channels"], 3, padding=1)
+        # ToMe's ratio at full latent size (0: off; token_merging.py), set before a CPU graph is traced.
+        self.token_merging = 0.0
+
+    def merge_inputs(self, sample_shape, timestep):
+        """[destination, source] token indices for this call with token merging on, else []."""
+        if not self.token_merging:
+            return []
+        return list(merge_groups(sample_shape[-2], sample_shape[-1], timestep))
+
+    def merging(self, destination, source):
+        return None if destination is None else (destination, source, self.token_merging)
 
     def time_features(self, timestep):
         """A number or a [1] / [B] array of timesteps -> the sinusoidal features the UNet embeds."""
@@ -212,26 +229,28 @@ class UNet2DConditionModel(nn.Layer):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         """sample: [B, C, H, W]; timestep: a number, or 1 or B of them; encoder_hidden_states: [B, 77, D]."""
-        features = paddle.to_tensor(self.time_features(timestep))
-        return self.forward_with_time_features(sample, features, encoder_hidden_states)
+        return self.forward_keeping_deep_features(sample, paddle.to_tensor(self.time_features(timestep)),
+                                                  encoder_hidden_states, *self.merge_tensors(sample, timestep))[0]
 
-    def forward_with_time_features(self, sample, time_features, encoder_hidden_states):
-        return self.forward_keeping_deep_features(sample, time_features, encoder_hidden_states)[0]
+    def merge_tensors(self, sample, timestep):
+        return [paddle.to_tensor(g) for g in self.merge_inputs(sample.shape, timestep)]
 
-    def forward_keeping_deep_features(self, sample, time_features, encoder_hidden_states):
+    def forward_keeping_deep_features(self, sample, time_features, encoder_hidden_states, destination=None,
+                                      source=None):
         """-> (output, the deep features DeepCache reuses on its shallow steps: what the last up block's
-        last resnet takes beside the conv_in skip)."""
+        last resnet takes beside the conv_in skip). destination, source: merge_inputs' (token merging)."""
+        merging = self.merging(destination, source)
         temb = time_features.astype(sample.dtype)
         temb = self.time_embedding.linear_2(silu(self.time_embedding.linear_1(temb)))
         context = encoder_hidden_states
 
         x = self.conv_in(sample)
         skips = [x]
-        for block in self.down_blocks:
+        for level, block in enumerate(self.down_blocks):
             for j, resnet in enumerate(block.resnets):
                 x = resnet(x, temb)
                 if block.attentions is not None:
-                    x = block.attentions[j](x, context)
+                    x = block.attentions[j](x, context, merging if level == 0 else None)
                 skips.append(x)
             if block.downsamplers is not None:
                 x = block.downsamplers[0](x)
@@ -240,13 +259,14 @@ class UNet2DConditionModel(nn.Layer):
         x = self.mid_block(x, temb, context)
 
         deep = None
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
+            level = len(self.up_blocks) - 1 - i
             for j, resnet in enumerate(block.resnets):
                 if len(skips) == 1:  # the last resnet of the last block, which meets conv_in's output
                     deep = x
                 x = resnet(paddle.concat([x, skips.pop()], axis=1), temb)
                 if block.attentions is not None:
-                    x = block.attentions[j](x, context)
+                    x = block.attentions[j](x, context, merging if level == 0 else None)
             if block.upsamplers is not None:
                 # Upsample to the size of the skip it meets next: latents whose side is not a
                 # multiple of 8 lose a pixel on the way down.
@@ -269,11 +289,12 @@ class ShallowBranch(nn.Layer):
         self.resnet = last.resnets[-1]
         self.attention = last.attentions[-1] if last.attentions is not None else None
         self.conv_norm_out, self.conv_out = unet.conv_norm_out, unet.conv_out
+        self.merging = unet.merging
 
-    def forward(self, sample, time_features, encoder_hidden_states, deep_features):
+    def forward(self, sample, time_features, encoder_hidden_states, deep_features, destination=None, source=None):
         temb = time_features.astype(sample.dtype)
         temb = self.time_embedding.linear_2(silu(self.time_embedding.linear_1(temb)))
         x = self.resnet(paddle.concat([deep_features, self.conv_in(sample)], axis=1), temb)
         if self.attention is not None:
-            x = self.attention(x, encoder_hidden_states)
+            x = self.attention(x, encoder_hidden_states, self.merging(destination, source))
         return self.conv_out(silu(self.conv_norm_out(x)))
