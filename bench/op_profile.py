@@ -24,12 +24,15 @@ def main():
     parser.add_argument("--graph", choices=["unet", "vae_decoder", "text_encoder"], default="unet")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--token_merging", type=float, default=0.0, help="the UNet graph traced for this ToMe ratio")
     args = parser.parse_args()
 
     from paddle import inference
-    from stable_diffusion.cpu.compiled import graph_folder
+    from stable_diffusion.cpu.compiled import graph_folder, unet_graph_names
+    from stable_diffusion.models.token_merging import merge_groups
     from stable_diffusion.pipeline import cpu_threads
-    folder = os.path.join(graph_folder(args.weights), args.graph)
+    name = unet_graph_names(args.token_merging)[0] if args.graph == "unet" else args.graph
+    folder = os.path.join(graph_folder(args.weights), name)
     if not os.path.isdir(folder):
         sys.exit(f"{folder} does not exist: export the graphs first (bench/bench.py --weights {args.weights})")
     latent = args.size // 8
@@ -39,6 +42,8 @@ def main():
                        "context": rng.standard_normal((2, 77, 768))},
               "vae_decoder": {"latents": rng.standard_normal((1, 4, latent, latent))},
               "text_encoder": {"input_ids": np.zeros((2, 77), np.int64)}}[args.graph]
+    if args.graph == "unet" and args.token_merging:
+        inputs["merge_destination"], inputs["merge_source"] = merge_groups(latent, latent, 500)
     config = inference.Config(os.path.join(folder, "model.json"), os.path.join(folder, "model.pdiparams"))
     config.disable_gpu()
     config.enable_mkldnn()

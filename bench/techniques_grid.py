@@ -27,6 +27,7 @@ SETTINGS = {
     "UniPC 10": {"sampler": "unipc", "num_inference_steps": 10},
     "ToMe 0.5": {"token_merging": 0.5},
     "--fast": {"fast": True},
+    "--fast, ToMe 0.5": {"fast": True, "token_merging": 0.5},
 }
 
 

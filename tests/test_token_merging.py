@@ -3,13 +3,13 @@ import numpy as np
 import paddle
 import pytest
 import torch
+import tomesd
 
 from reference import SCHEDULER, VOCAB_DIR
 from stable_diffusion.loading import load_models
 from stable_diffusion.models import token_merging
 from stable_diffusion.pipeline import StableDiffusionPipeline
 
-tomesd = pytest.importorskip("tomesd")
 
 
 @pytest.mark.parametrize("height,width", [(8, 8), (5, 7), (16, 12)])

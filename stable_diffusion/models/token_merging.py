@@ -37,6 +37,14 @@ def merge_groups(height, width, timestep):
     return destination, np.flatnonzero(~is_destination).astype(np.int64)
 
 
+def rows(x, index):
+    """x [B, L, C], index [B, K] -> [B, K, C], row index[b, k] of x[b]. One gather on the flattened
+    rows: Paddle's take_along_axis took 6 ms a call at 512 px against 0.6 for gather (bench/op_profile.py)."""
+    batch, length, channels = dims(x)[0], dims(x)[1], x.shape[-1]
+    offsets = paddle.arange(batch, dtype="int64").unsqueeze(1) * length
+    return paddle.gather(x.reshape([-1, channels]), (index + offsets).flatten()).reshape([batch, -1, channels])
+
+
 def bipartite_soft_matching(metric, destination, source, ratio):
     """metric [B, N, C]: the tokens compared (by cosine similarity); destination, source: merge_groups'.
     -> (merge, unmerge): merge [B, N, C'] -> [B, N - r, C'] with r = floor(N * ratio) (the unmerged
@@ -46,7 +54,7 @@ def bipartite_soft_matching(metric, destination, source, ratio):
     merged = int(tokens * ratio) if paddle.in_dynamic_mode() else paddle.cast(
         paddle.floor(paddle.cast(tokens, "float64") * ratio), "int64")
     with paddle.no_grad():
-        metric = metric / paddle.linalg.norm(metric, axis=-1, keepdim=True)
+        metric = metric * paddle.rsqrt((metric * metric).sum(axis=-1, keepdim=True))  # 5x faster than p_norm
         a, b = paddle.gather(metric, source, axis=1), paddle.gather(metric, destination, axis=1)
         scores = paddle.matmul(a, b, transpose_y=True)  # [B, sources, destinations]
         best, best_destination = scores.max(axis=-1), scores.argmax(axis=-1)
@@ -56,8 +64,7 @@ def bipartite_soft_matching(metric, destination, source, ratio):
 
     def merge(x):
         src, dst = paddle.gather(x, source, axis=1), paddle.gather(x, destination, axis=1)
-        unmerged = paddle.take_along_axis(src, kept.unsqueeze(-1), axis=1, broadcast=True)
-        moving = paddle.take_along_axis(src, joined.unsqueeze(-1), axis=1, broadcast=True)
+        unmerged, moving = rows(src, kept), rows(src, joined)
         index = joined_destination.unsqueeze(-1).expand_as(moving)
         dst = paddle.put_along_axis(dst, index, moving, axis=1, reduce="mean", include_self=True, broadcast=False)
         return paddle.concat([unmerged, dst], axis=1)
@@ -65,12 +72,12 @@ def bipartite_soft_matching(metric, destination, source, ratio):
     def unmerge(x):
         kept_count = dims(kept)[1]
         unmerged, dst = x[:, :kept_count], x[:, kept_count:]
-        moved = paddle.take_along_axis(dst, joined_destination.unsqueeze(-1), axis=1, broadcast=True)
+        moved = rows(dst, joined_destination)
         pieces = paddle.concat([dst, unmerged, moved], axis=1)
         # Where each piece goes: one permutation of the N places, undone by its argsort.
         places = paddle.concat([destination.unsqueeze(0).expand([dims(x)[0], -1]),
                                 paddle.gather(source, kept.flatten()).reshape(paddle.shape(kept)),
                                 paddle.gather(source, joined.flatten()).reshape(paddle.shape(joined))], axis=1)
-        return paddle.take_along_axis(pieces, paddle.argsort(places, axis=1).unsqueeze(-1), axis=1, broadcast=True)
+        return rows(pieces, paddle.argsort(places, axis=1))
 
     return merge, unmerge
