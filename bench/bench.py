@@ -238,14 +238,17 @@ class Worker:
         self.process.wait()
 
 
-def interleaved(workers, repeats):
+def interleaved(workers, repeats, only_rows=None):
     """Each row run by the libraries in turn, pair after pair (which goes first alternates), so that
     the machine's changes of speed during the run reach both alike. Per row: {library: median
-    seconds}, and the median of the pairs' ratios."""
+    seconds}, and the median of the pairs' ratios. only_rows: the rows whose names contain one of
+    these words (default: all)."""
     results = {library: {} for library in workers}
     ratios = {}
     rows = next(iter(workers.values())).ready["rows"]
     for name, warm in rows.items():
+        if only_rows and not any(word in name for word in only_rows):
+            continue
         present = {library: worker for library, worker in workers.items() if name in worker.ready["rows"]}
         if warm:
             for worker in present.values():
@@ -282,6 +285,8 @@ def main():
     parser.add_argument("--fp16", action="store_true", help="half precision on a GPU (diffusers: all of it; ours: "
                         "the text encoder and UNet, the VAE in fp32)")
     parser.add_argument("--only", choices=["ours", "diffusers"], help="time one library (no ratios)")
+    parser.add_argument("--rows", nargs="+", help="only the rows whose names contain one of these words, e.g. "
+                                                  "'whole image' (a 50-step image takes minutes a run)")
     parser.add_argument("--library", choices=["ours", "diffusers", "export"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps_by_size = dict(zip(args.sizes, args.steps + [args.steps[-1]] * len(args.sizes)))
@@ -310,7 +315,7 @@ def main():
         # Both stay loaded, each in its own process (so peak memory is each one's own), and take turns.
         workers = {library: Worker(library, args) for library in libraries}
         try:
-            results, ratios = interleaved(workers, args.repeats)
+            results, ratios = interleaved(workers, args.repeats, args.rows)
             summary = {library: {"device": worker.ready["device"], "load": worker.ready["load"],
                                  "rows": results[library], "peak_mib": worker.ask("peak")["peak_mib"]}
                        for library, worker in workers.items()}
